@@ -1,0 +1,1 @@
+"""memfed.crypto: signing, sealing, watermarking, key files. No torch import at module level."""

@@ -1,0 +1,1 @@
+"""memfed.node: the model host, cube store, scheduler, lifecycle, editing and conversion."""
