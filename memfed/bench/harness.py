@@ -1,0 +1,83 @@
+"""The bench harness: registry of benches, timing helpers and the JSON report shape.
+
+A report is ``{"bench", "metrics", "baseline", "ratios", "env"}``. A ratio named ``x_vs_y`` is x's figure
+over y's (for times: memfed's seconds over the baseline's, so lower is better). Figures are medians.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# name -> "module:function"; the function takes ``quick: bool`` and returns a BenchResult.
+BENCHES: dict[str, str] = {
+    "store": "memfed.bench.store:run",
+}
+
+
+@dataclass
+class BenchResult:
+    """What one bench measured. ``baseline`` names the competitor and its settings, not only figures."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def median_seconds(
+    fn: Callable[[], object], *, repeats: int, setup: Callable[[], object] | None = None
+) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs; ``setup`` runs untimed before each."""
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def environment() -> dict[str, Any]:
+    """Facts about the machine a figure was measured on."""
+    import memfed
+
+    env: dict[str, Any] = {
+        "memfed": memfed.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def run_bench(name: str, *, quick: bool = False) -> dict[str, Any]:
+    """Run one registered bench and return its report."""
+    if name not in BENCHES:
+        from memfed.errors import NotFoundError
+
+        raise NotFoundError(f"no bench named {name!r}", hint=f"choose one of: {', '.join(sorted(BENCHES))}")
+    module_name, func_name = BENCHES[name].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result: BenchResult = func(quick=quick)
+    return {
+        "bench": name,
+        "metrics": result.metrics,
+        "baseline": result.baseline,
+        "ratios": result.ratios,
+        "env": environment(),
+    }
