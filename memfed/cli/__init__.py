@@ -1,0 +1,1 @@
+"""The ``memfed`` command line: the user's front door."""
