@@ -18,3 +18,8 @@ def memfed_home() -> Path:
 def default_store_dir() -> Path:
     """The local node's cube store."""
     return memfed_home() / "store"
+
+
+def default_identity_dir() -> Path:
+    """The local node's identity (signing and HPKE keys; see memfed.crypto.identity)."""
+    return memfed_home() / "identity"

@@ -18,6 +18,7 @@ from typing import Any
 # name -> "module:function"; the function takes ``quick: bool`` and returns a BenchResult.
 BENCHES: dict[str, str] = {
     "store": "memfed.bench.store:run",
+    "seal": "memfed.bench.seal:run",
 }
 
 

@@ -10,8 +10,10 @@ import memfed
 from memfed.cli.bench_cmd import bench
 from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
+from memfed.cli.identity_cmd import identity
 from memfed.cli.model_cmd import model
 from memfed.cli.output import emit_json, err_console
+from memfed.cli.seal_cmd import detect_watermark_cmd, export_cmd, import_cmd
 from memfed.errors import MemfedError
 
 EXIT_CODES_HELP = """\b
@@ -49,6 +51,10 @@ cli.add_command(model)
 cli.add_command(cube)
 cli.add_command(bench)
 cli.add_command(demo)
+cli.add_command(identity)
+cube.add_command(export_cmd)
+cube.add_command(import_cmd)
+cube.add_command(detect_watermark_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

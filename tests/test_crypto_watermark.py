@@ -1,0 +1,286 @@
+"""Watermarks on real LoRA modules trained with PEFT on the host model: detection, the null
+distribution, robustness to attacks, recipient identification, cost, and the export → import →
+detect-watermark path. Figures are printed (run with -s) for the report."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from memfed.crypto.watermark import Z_THRESHOLD, Correlator, lora_pairs, mark_payload, mark_tensors  # noqa: E402
+
+RANK = 8
+N_FACTS = 8
+FACT_LEN = 12
+TRAIN_STEPS = 120
+PEFT_PREFIX = "base_model.model."
+
+
+def _host_model(request: pytest.FixtureRequest) -> tuple[Any, str]:
+    """The embedded default model when its fixture exists, else a Llama of the same shape (dev only)."""
+    try:
+        model_dir = request.getfixturevalue("default_model_dir")
+        from memfed.node.models import load_host_model
+
+        model, _ = load_host_model(Path(model_dir))
+        return model.float().eval(), f"embedded:{model_dir}"
+    except (pytest.FixtureLookupError, ImportError):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+            num_attention_heads=4, max_position_embeddings=256,
+        )  # fmt: skip
+        return LlamaForCausalLM(
+            cfg
+        ).eval(), "fallback: random LlamaForCausalLM of the embedded recipe's shape"
+
+
+@dataclass
+class Setup:
+    model: Any  # PeftModel with the trained adapter "default"
+    facts: torch.Tensor  # (N_FACTS, FACT_LEN) token ids the LoRA internalized
+    heldout: torch.Tensor  # prompts the LoRA never saw
+    clean: dict[str, torch.Tensor]  # trained LoRA tensors, cube naming (module.lora_X.weight)
+    other: dict[str, torch.Tensor]  # a second, independently trained LoRA (for the merge attack)
+    secret: bytes
+    recipients: list[str]  # 50 candidate recipient ids; index 0 is the true one
+    model_name: str
+
+
+def _train(model: Any, data: torch.Tensor, steps: int, lr: float = 5e-3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=data, labels=data).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _get(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(model)
+    return {k.removeprefix(PEFT_PREFIX): v.detach().clone().float() for k, v in sd.items()}
+
+
+def _put(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, {PEFT_PREFIX + k: v.float() for k, v in tensors.items()})
+
+
+@pytest.fixture(scope="module")
+def setup(request: pytest.FixtureRequest) -> Setup:
+    from peft import LoraConfig, get_peft_model
+
+    torch.set_num_threads(1)  # the 2 cores are shared: oversubscribed threads ran 10x slower here
+    base, name = _host_model(request)
+    g = torch.Generator().manual_seed(1)
+    vocab = base.config.vocab_size
+    facts = torch.randint(10, vocab, (N_FACTS, FACT_LEN), generator=g)
+    other_facts = torch.randint(10, vocab, (N_FACTS, FACT_LEN), generator=g)
+    heldout = torch.randint(10, vocab, (16, FACT_LEN), generator=g)
+    cfg = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model = get_peft_model(base, cfg)
+    torch.manual_seed(2)
+    _train(model, other_facts, TRAIN_STEPS)
+    other = _get(model)
+    for p in model.parameters():  # re-initialize for the module under test
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.01) if p.dim() == 2 and p.shape[
+                0
+            ] == RANK else torch.nn.init.zeros_(p)
+    _train(model, facts, TRAIN_STEPS)
+    rng = np.random.default_rng(3)
+    recipients = [rng.bytes(16).hex() for _ in range(50)]
+    return Setup(model, facts, heldout, _get(model), other, os.urandom(32), recipients, name)
+
+
+def _z_all(tensors: dict[str, torch.Tensor], s: Setup) -> list[float]:
+    c = Correlator(tensors)
+    return [c.z(s.secret, r) for r in s.recipients]
+
+
+def _marked(s: Setup) -> dict[str, torch.Tensor]:
+    return mark_tensors(s.clean, s.secret, s.recipients[0])
+
+
+def test_marked_cube_detected_and_null_below_threshold(setup: Setup) -> None:
+    marked = _marked(setup)
+    z_marked = Correlator(marked).z(setup.secret, setup.recipients[0])
+    # Null: 500 wrong recipients on the marked cube + 500 wrong owner keys on the unmarked cube.
+    corr_m, corr_c = Correlator(marked), Correlator(setup.clean)
+    rng = np.random.default_rng(4)
+    null = [corr_m.z(setup.secret, rng.bytes(16).hex()) for _ in range(500)]
+    null += [corr_c.z(rng.bytes(32), setup.recipients[0]) for _ in range(500)]
+    null_arr = np.asarray(null)
+    fpr = float((null_arr >= Z_THRESHOLD).mean())
+    print(
+        f"\n[watermark] model={setup.model_name} z_marked={z_marked:.2f} null: n={len(null)} "
+        f"mean={null_arr.mean():.3f} std={null_arr.std():.3f} max={null_arr.max():.2f} "
+        f"threshold={Z_THRESHOLD} empirical_FPR={fpr:.4f}"
+    )
+    assert z_marked >= 6.0
+    assert null_arr.max() < Z_THRESHOLD
+    # Payload round trip: marking through safetensors bytes gives the same detection.
+    from memfed.cube.payload import decode_tensors, encode_tensors
+
+    via_payload = decode_tensors(mark_payload(encode_tensors(setup.clean), setup.secret, setup.recipients[0]))
+    assert Correlator(via_payload).z(setup.secret, setup.recipients[0]) >= 6.0
+
+
+def _quant8(t: torch.Tensor) -> torch.Tensor:
+    scale = t.abs().max() / 127
+    return (t / scale).round().clamp(-127, 127) * scale
+
+
+def _prune(t: torch.Tensor, frac: float) -> torch.Tensor:
+    k = int(frac * t.numel())
+    cut = t.abs().flatten().kthvalue(k).values
+    return torch.where(t.abs() <= cut, torch.zeros_like(t), t)
+
+
+def _merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
+    """Exact linear merge of the products: ΔW = w·B1A1 + (1−w)·B2A2, stored by concatenating the factors
+    (rank 2r; PEFT's ``cat``). Averaging A's and B's separately is not a merge of the modules (cross
+    terms; see FIELD-NOTES)."""
+    out = {}
+    for mod, (a1, b1) in lora_pairs(a).items():
+        a2, b2 = lora_pairs(b)[mod]
+        out[f"{mod}.lora_A.weight"] = torch.cat([a1, a2], 0)
+        out[f"{mod}.lora_B.weight"] = torch.cat([w * b1, (1 - w) * b2], 1)
+    return out
+
+
+def _attack(name: str, marked: dict[str, torch.Tensor], s: Setup) -> dict[str, torch.Tensor]:
+    if name == "fp16":
+        return {k: v.half() for k, v in marked.items()}
+    if name == "bf16":
+        return {k: v.bfloat16() for k, v in marked.items()}
+    if name == "int8":
+        return {k: _quant8(v) for k, v in marked.items()}
+    if name == "prune30":
+        return {k: _prune(v, 0.30) for k, v in marked.items()}
+    if name == "noise10":
+        g = torch.Generator().manual_seed(5)
+        return {k: v + 0.10 * v.std() * torch.randn(v.shape, generator=g) for k, v in marked.items()}
+    if name == "merge05":
+        return _merge(marked, s.other, 0.5)
+    if name == "train50":
+        _put(s.model, marked)
+        try:
+            torch.manual_seed(6)
+            # 50 further steps on other data (the leaker adapting the module to its own use).
+            data = torch.randint(
+                10, s.model.config.vocab_size, (N_FACTS, FACT_LEN), generator=torch.Generator().manual_seed(7)
+            )
+            _train(s.model, torch.cat([s.facts, data]), 50, lr=2e-3)
+            return _get(s.model)
+        finally:
+            _put(s.model, s.clean)
+    raise AssertionError(name)
+
+
+ATTACKS = ["fp16", "bf16", "int8", "prune30", "noise10", "merge05", "train50"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_mark_survives_attack_and_names_recipient(setup: Setup, attack: str) -> None:
+    attacked = _attack(attack, _marked(setup), setup)
+    zs = _z_all(attacked, setup)
+    best = int(np.argmax(zs))
+    others = sorted(zs[1:])[-1]
+    print(f"\n[watermark] attack={attack} z_true={zs[0]:.2f} best_wrong_of_49={others:.2f}")
+    assert best == 0, "the true recipient is not the most likely among 50"
+    assert zs[0] >= Z_THRESHOLD
+
+
+def _logits(model: Any, tensors: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    _put(model, tensors)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _recall(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    return float((logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean())
+
+
+def test_mark_costs_nothing_measurable(setup: Setup) -> None:
+    s = setup
+    try:
+        clean_l = _logits(s.model, s.clean, s.heldout)
+        marked_l = _logits(s.model, _marked(s), s.heldout)
+        p = torch.log_softmax(clean_l, -1)
+        q = torch.log_softmax(marked_l, -1)
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+        recall_clean = _recall(_logits(s.model, s.clean, s.facts), s.facts)
+        recall_marked = _recall(_logits(s.model, _marked(s), s.facts), s.facts)
+    finally:
+        _put(s.model, s.clean)
+    print(
+        f"\n[watermark] KL(clean||marked) heldout={kl:.2e} recall {recall_clean:.3f} -> {recall_marked:.3f}"
+    )
+    assert kl <= 1e-3
+    assert recall_clean >= 0.9, "the LoRA did not internalize its facts (test setup)"
+    assert recall_marked >= recall_clean
+
+
+def test_export_import_detect_cli(setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Owner exports a LoRA cube to bob (watermarked); bob imports it; the leaked payload names bob."""
+    from memfed.cli.main import main
+    from memfed.crypto.exchange import export_cube
+    from memfed.crypto.identity import init_identity
+    from memfed.crypto.seal import open_file
+    from memfed.crypto.signing import TrustedKeys
+    from memfed.cube.fingerprint import fingerprint_model
+    from memfed.cube.peft_io import import_peft
+    from memfed.node.store import CubeStore
+
+    s = setup
+    _put(s.model, s.clean)
+    adapter_dir = tmp_path / "facts_lora"
+    s.model.save_pretrained(adapter_dir)
+    host = s.model.get_base_model()
+    cube = import_peft(adapter_dir, host, cube_id="facts_lora", version="1.0.0")
+    alice, bob, carol = (init_identity(tmp_path / n) for n in ("alice", "bob", "carol"))
+    with CubeStore(tmp_path / "sa") as sa:
+        sa.put(cube.manifest, cube.payload)
+        for who in (carol, bob):
+            res = export_cube(
+                sa, "facts_lora", None, alice, [who.public], tmp_path / f"{who.public.fingerprint}.mcube"
+            )
+            assert res.watermarked and res.seal.manifest.digest != cube.manifest.digest
+    fp = fingerprint_model(host)
+    with CubeStore(tmp_path / "sb") as sb:
+        m = open_file(
+            tmp_path / f"{bob.public.fingerprint}.mcube",
+            sb,
+            bob,
+            TrustedKeys([alice.public]),
+            host_fingerprint=fp,
+        )
+        leaked = sb.payload_path(m.digest)
+    capsys.readouterr()
+    assert main(["cube", "detect-watermark", str(leaked), "--owner", str(tmp_path / "alice"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["detected"] and report["most_likely_recipient"] == [bob.public.fingerprint]
+    # The unmarked original names nobody.
+    clean_file = tmp_path / "clean.safetensors"
+    clean_file.write_bytes(cube.payload)
+    assert (
+        main(["cube", "detect-watermark", str(clean_file), "--owner", str(tmp_path / "alice"), "--json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["detected"] is False
