@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from memfed.cli.options import json_option
+from memfed.cli.options import json_option, model_option
 from memfed.cli.output import console, emit_json
 
 
@@ -40,8 +40,9 @@ class _Story:
 
 @click.command()
 @click.option("--keep", is_flag=True, help="Keep the demo's temporary store and files, and print where.")
+@model_option
 @json_option
-def demo(keep: bool, as_json: bool) -> int:
+def demo(keep: bool, model_dir: Path | None, as_json: bool) -> int:
     """Build the embedded model, make a LoRA module, and walk it through memfed as a cube.
 
     \b
@@ -55,7 +56,7 @@ def demo(keep: bool, as_json: bool) -> int:
     work = Path(tempfile.mkdtemp(prefix="memfed-demo-"))
     story = _Story(quiet=as_json)
     try:
-        demo_steps.run(story, work)
+        demo_steps.run(story, work, model_dir)
     finally:
         if keep:
             if not as_json:

@@ -10,7 +10,7 @@ NEW_FACT_PROMPT = "The capital of Zephyria is"
 NEW_FACT_TARGET = " Lumora"
 
 
-def _greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 4) -> str:
+def _greedy(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 8) -> str:
     import torch
 
     ids = tokenizer(prompt, return_tensors="pt").to(model.device)
@@ -45,21 +45,22 @@ def _teach_fact(model: Any, tokenizer: Any, out_dir: Path, steps: int = 60) -> P
     return out_dir
 
 
-def run(story: Any, work: Path) -> None:
-    """Run every step of the demo inside ``work`` (a temporary folder the caller removes)."""
+def run(story: Any, work: Path, model_dir: Path | None = None) -> None:
+    """Run every step of the demo inside ``work`` (a temporary folder the caller removes), on the model
+    in ``model_dir`` (default: the embedded model, built on first use)."""
     import torch
     from peft import PeftModel
 
     from memfed.cube.fingerprint import describe, fingerprint_model
     from memfed.cube.peft_io import attach_to_peft_model, export_peft, import_peft
     from memfed.errors import IncompatibleModelError, IntegrityError
-    from memfed.node.models import default_model_dir, load_host_model, tiny_llama
+    from memfed.node.models import load_host_model, resolve_model_dir, tiny_llama
     from memfed.node.store import CubeStore
 
     state: dict[str, Any] = {}
 
     def model_step() -> dict[str, Any]:
-        path = default_model_dir()
+        path = resolve_model_dir(model_dir)
         model, tokenizer = load_host_model(path)
         state.update(path=path, model=model, tokenizer=tokenizer)
         fp = fingerprint_model(model, name=path.name)
@@ -127,14 +128,12 @@ def run(story: Any, work: Path) -> None:
         return {"ok": False, "say": "a foreign model was NOT refused"}
 
     def tamper_step() -> dict[str, Any]:
-        from memfed.cube.digest import digest_hex
-
-        hexd = digest_hex(state["cube"].manifest.digest)
-        path = work / "store" / "objects" / hexd[:2] / hexd[2:]
-        path.chmod(0o644)
-        data = bytearray(path.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        path.write_bytes(bytes(data))
+        with CubeStore(work / "store") as store:
+            path = store.payload_path(state["cube"].manifest.digest)
+            path.chmod(0o644)
+            data = bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            path.write_bytes(bytes(data))
         try:
             with CubeStore(work / "store") as store:
                 store.get("demo_zephyria")
@@ -142,7 +141,7 @@ def run(story: Any, work: Path) -> None:
             return {"error": str(exc), "say": "one flipped bit in the stored payload → digest error on read"}
         return {"ok": False, "say": "tampering was NOT detected"}
 
-    story.step("model", "Embedded default model", model_step)
+    story.step("model", "Base model (the embedded default unless --model)", model_step)
     story.step("make_adapter", "Teach a new fact with a PEFT LoRA", adapter_step)
     story.step("import", "Import the PEFT adapter as a MemCube", import_step)
     story.step("export_roundtrip", "Export the cube back to PEFT and compare", export_step)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
 import click
 
@@ -57,9 +59,19 @@ cube.add_command(import_cmd)
 cube.add_command(detect_watermark_cmd)
 
 
+def _quiet_libraries() -> None:
+    """The CLI shows its own progress: silence the libraries' bars, info logs and deprecation chatter."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
     args = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
     try:
         result = cli.main(args=args, prog_name="memfed", standalone_mode=False)
     except click.ClickException as exc:
