@@ -18,11 +18,9 @@ public identity (both keys and the suite) and is what a sealed cube's recipients
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -39,6 +37,7 @@ from memfed.errors import (
     NotFoundError,
     StorageError,
 )
+from memfed.fsio import write_bytes_atomic
 
 SIGNING_FILE = "signing.pem"
 X25519_FILE = "hpke-x25519.pem"
@@ -205,20 +204,8 @@ def _encryption(passphrase: bytes | None) -> serialization.KeySerializationEncry
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a key file atomically with mode 0600: temp file (created 0600, never wider), fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # in case a umask or ACL interfered with the create mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write a key file atomically with mode 0600 (created 0600, never wider)."""
+    write_bytes_atomic(path, data, mode=0o600)
 
 
 def init_identity(
@@ -260,9 +247,7 @@ def init_identity(
             _write_private(directory / MLKEM_FILE, mkey.private_bytes(pem, pkcs8, enc))
         elif (directory / MLKEM_FILE).exists():
             os.unlink(directory / MLKEM_FILE)  # --force from a PQ identity to a classic one
-        # The public file is not secret, but 0600 keeps the write path one code path.
-        _write_private(directory / PUBLIC_FILE, public.to_json().encode())
-        os.chmod(directory / PUBLIC_FILE, 0o644)
+        write_bytes_atomic(directory / PUBLIC_FILE, public.to_json().encode(), mode=0o644)
     except OSError as exc:
         raise StorageError(f"cannot write identity files in {directory}: {exc.strerror}") from exc
     return Identity(directory, signing, xkey, mkey, public)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -60,6 +59,7 @@ from memfed.errors import (
     StorageError,
     UnsupportedError,
 )
+from memfed.fsio import atomic_write
 from memfed.mip.v1 import cube_pb2, envelope_pb2
 
 if TYPE_CHECKING:
@@ -173,28 +173,14 @@ def seal_file(
     """``seal_to`` a file, atomically: a temp file next to ``path``, fsync, rename, fsync the directory.
     A failed seal leaves no partial ``.mcube`` behind."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
     try:
-        # buffering=0: we hand whole chunks to write(); Python's buffer would only add a copy.
-        with open(tmp, "xb", buffering=0) as f:
+        # atomic_write's file is unbuffered: we hand whole chunks to write(); a buffer would only copy.
+        with atomic_write(path) as f:
             result = seal_to(
                 f, manifest, payload, identity, recipients, chunk_size=chunk_size, watermark=watermark
             )
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise StorageError(f"cannot write sealed cube {path}: {exc.strerror}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return result
 
 

@@ -73,14 +73,6 @@ def _payload(size: int, seed: int) -> bytes:
     return len(header).to_bytes(8, "little") + header + data
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def floor_seal(src: Path, dst: Path, key: bytes) -> None:
     """The straight-line floor of sealing: read, AES-256-GCM in 1 MiB chunks into a reused buffer, write,
     fsync."""

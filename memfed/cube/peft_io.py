@@ -29,6 +29,7 @@ from memfed.errors import (
     NotFoundError,
     UnsupportedError,
 )
+from memfed.fsio import fsync_dir
 from memfed.mip.v1 import cube_pb2
 
 if TYPE_CHECKING:
@@ -319,6 +320,7 @@ def export_peft(cube: MemCube, out_dir: str | Path, *, force: bool = False) -> P
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
