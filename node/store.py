@@ -16,8 +16,8 @@ race a writer that has renamed its file but not yet committed its row.
 
 Verification. Every byte that comes in or goes out is hashed on the way (``put`` while writing, ``get``
 while reading, overlapped on a worker thread), so a payload is never stored unless its SHA-256 is the
-manifest's digest, and never returned unless it is those same bytes: a put records the BLAKE3 of the
-bytes it checked, and a get verifies that (see memfed.node.store_files for why two hashes).
+manifest's digest, and never returned unless it is those same bytes: a put records a local check
+(XXH3-128) of the bytes it checked, and a get verifies that (memfed.node.store_files says why two).
 
 Concurrency. Any number of processes and threads may open the same store: readers never block (WAL),
 writers queue on SQLite's lock for ``busy_timeout_s``, and the slow part of a put (writing and syncing
@@ -337,7 +337,7 @@ class CubeStore:
         self, m: CubeManifest, write: Callable[[int], tuple[int, tuple[bytes, bytes]]], expected: bytes
     ) -> tuple[files.TempFile, bytes]:
         """Write the payload to a locked temp file while hashing it, fsync it, check it; return the
-        file and the BLAKE3 local check of its bytes."""
+        file and the local check (XXH3-128) of its bytes."""
         doing = f"writing the payload of cube {ref_string(m)} into {self.tmp_dir}"
         try:
             temp = files.TempFile(self.tmp_dir)
@@ -540,7 +540,7 @@ class CubeStore:
         if result.digest != row.local_check:
             raise IntegrityError(
                 f"payload file of cube {ref} is corrupt: {path} no longer holds the bytes whose digest "
-                f"{m.digest} was checked when it was stored (blake3 {result.digest.hex()[:16]}…, recorded "
+                f"{m.digest} was checked when it was stored (xxh3-128 {result.digest.hex()[:16]}…, recorded "
                 f"{row.local_check.hex()[:16]}…)",
                 hint=what_to_do,
             )

@@ -49,7 +49,7 @@ CREATE TABLE cubes (
     lifecycle   INTEGER NOT NULL,          -- memfed.mip.v1.LifecycleState, same as in the manifest
     priority    INTEGER NOT NULL,          -- memfed.mip.v1.Priority
     size        INTEGER NOT NULL,          -- payload bytes
-    local_check BLOB    NOT NULL,          -- BLAKE3 of the payload, verified on every read (store_files)
+    local_check BLOB    NOT NULL,          -- XXH3-128 of the payload, verified on every read (store_files)
     created_at  TEXT    NOT NULL,          -- the manifest's created_at, ISO 8601 UTC
     stored_at   TEXT    NOT NULL,          -- when this store accepted the cube, ISO 8601 UTC
     manifest    BLOB    NOT NULL,          -- deterministic CubeManifest bytes, lifecycle kept current
