@@ -2,15 +2,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is installed on its own, pinned, before the project: an open range would pull a multi-GB CUDA build.
+# torch is installed on its own, pinned, before the project, so no dependency's open range picks a newer
+# (multi-GB CUDA) build. Where PyPI's default wheel is a CUDA build and you want the CPU one, run e.g.
+# `make test TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"`.
 TORCH_VERSION ?= 2.13.0
+TORCH_PIP_ARGS ?=
 
 .PHONY: install demo test lint proto bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet $(TORCH_PIP_ARGS) torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -154,3 +154,24 @@ def test_export_refuses_to_overwrite(tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "mine"
     export_peft(cube, out, force=True)
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_lora_that_rewrote_the_base_weights_is_refused(tmp_path: Path) -> None:
+    base = tiny_llama(seed=0)
+    adapter = _save_adapter(base, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="changes the base weights"):
+        import_peft(adapter, base)
+
+
+def test_export_onto_a_file_is_refused_and_exports_are_readable(tmp_path: Path) -> None:
+    base = tiny_llama(seed=0)
+    adapter = _save_adapter(base, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
+    cube = import_peft(adapter, base)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(InvalidArgumentError, match="is a file"):
+        export_peft(cube, tmp_path / "a_file")
+    out = export_peft(cube, tmp_path / "out")
+    assert out.stat().st_mode & 0o755 == 0o755

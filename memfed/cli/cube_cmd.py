@@ -47,9 +47,11 @@ def import_peft_cmd(
     module must exist with matching shapes, and the cube records the model's fingerprint so it is never
     applied to another model. Non-LoRA adapters and pickled weights are refused.
     """
-    from memfed.cube.peft_io import import_peft
+    from memfed.cube.peft_io import check_supported, import_peft, read_adapter_config
     from memfed.node.models import load_host_model, resolve_model_dir
 
+    # Check the folder before the model: a typo must not cost a model load (or the first build).
+    check_supported(read_adapter_config(adapter_dir)[0])
     path = resolve_model_dir(model_dir)
     with progress_bar("loading base model", quiet=as_json):
         host, _ = load_host_model(path)

@@ -27,9 +27,7 @@ def _teach_fact(model: Any, tokenizer: Any, out_dir: Path, steps: int = 60) -> P
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
-    )
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     batch = tokenizer([NEW_FACT_PROMPT + NEW_FACT_TARGET + tokenizer.eos_token], return_tensors="pt")
     batch = batch.to(model.device)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)

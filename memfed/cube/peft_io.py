@@ -27,6 +27,7 @@ from memfed.errors import (
     IncompatibleModelError,
     InvalidArgumentError,
     NotFoundError,
+    StorageError,
     UnsupportedError,
 )
 from memfed.fsio import fsync_dir
@@ -52,6 +53,8 @@ _INERT_KEYS = frozenset(
         "layers_pattern", "megatron_core", "qalora_group_size", "ensure_weight_tying",
     }
 )  # fmt: skip
+# Initialisations that leave the base weights untouched (EVA only chooses the starting A).
+_PLAIN_INITS = (True, False, "gaussian", "eva")
 _FEATURE_NAMES = {
     "use_dora": "DoRA (weight-decomposed LoRA)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
@@ -65,7 +68,8 @@ _FEATURE_NAMES = {
 }
 
 
-def _read_config(adapter_dir: Path) -> tuple[dict[str, Any], str]:
+def read_adapter_config(adapter_dir: Path) -> tuple[dict[str, Any], str]:
+    """The folder's adapter_config.json as (parsed, verbatim text); clear errors when absent or bad."""
     config_path = adapter_dir / CONFIG_FILE
     if not adapter_dir.is_dir():
         raise NotFoundError(f"PEFT adapter folder {adapter_dir} does not exist")
@@ -94,6 +98,14 @@ def check_supported(config: dict[str, Any]) -> None:
         )
     if config.get("bias", "none") != "none":
         raise UnsupportedError(f"LoRA with bias={config['bias']!r} is unsupported (it trains base biases)")
+    init = config.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        # PiSSA, OLoRA, CorDA and LoftQ move part of the base weights into the adapter during training,
+        # so the adapter does not apply to the original base model the fingerprint names.
+        raise UnsupportedError(
+            f"LoRA initialised with {init!r} is unsupported: that method changes the base weights",
+            hint="save the adapter converted to plain LoRA (PEFT's path_initial_model_for_weight_conversion)",
+        )
     for key, value in config.items():
         if key in _INERT_KEYS or value in (None, False, {}, [], "", 0):
             continue
@@ -159,6 +171,8 @@ def lora_targets_from_tensors(
             raise InvalidArgumentError(
                 f"module {module!r} lacks its {'lora_B' if 'lora_A' in parts else 'lora_A'}"
             )
+        if len(parts["lora_A"]) != 2 or len(parts["lora_B"]) != 2:
+            raise UnsupportedError(f"module {module!r} has non-matrix LoRA factors (a convolution LoRA)")
         (rank, in_a), (out_b, rank_b) = parts["lora_A"], parts["lora_B"]
         if rank != rank_b:
             raise InvalidArgumentError(f"module {module!r}: lora_A rank {rank} != lora_B rank {rank_b}")
@@ -212,7 +226,7 @@ def import_peft(
     raise IncompatibleModelError. Nothing is written anywhere: the caller stores the cube.
     """
     adapter_dir = Path(adapter_dir)
-    config, config_text = _read_config(adapter_dir)
+    config, config_text = read_adapter_config(adapter_dir)
     check_supported(config)
     weights = adapter_dir / WEIGHTS_FILE
     if not weights.is_file():
@@ -305,12 +319,23 @@ def export_peft(cube: MemCube, out_dir: str | Path, *, force: bool = False) -> P
         raise UnsupportedError(f"cube {cube.ref} is not a LoRA cube; only LoRA cubes export to PEFT")
     cube.verify()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidArgumentError(f"{out_dir} is a file, not a folder", hint="name a folder to export into")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AlreadyExistsError(
             f"{out_dir} exists and is not empty", hint="choose another folder or --force"
         )
+    try:
+        _write_peft_dir(cube, out_dir)
+    except OSError as exc:
+        raise StorageError(f"cannot write the PEFT folder {out_dir}: {exc.strerror or exc}") from exc
+    return out_dir
+
+
+def _write_peft_dir(cube: MemCube, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the export private to this user
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_for(cube), indent=2, sort_keys=True) + "\n")
         (tmp / WEIGHTS_FILE).write_bytes(_rename_keys(cube.payload, strip=None, add=PEFT_PREFIX))
@@ -324,7 +349,6 @@ def export_peft(cube: MemCube, out_dir: str | Path, *, force: bool = False) -> P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def attach_to_peft_model(model: torch.nn.Module, cube: MemCube, *, adapter_name: str = "default") -> Any:
