@@ -76,8 +76,9 @@ def snapshot(s: CubeStore) -> tuple[list[bytes], dict[str, int]]:
 # -- basics -------------------------------------------------------------------------------------------
 
 
-def test_round_trip(store: CubeStore) -> None:
-    m, payload = cube(size=3 * 1024 * 1024 + 17)  # big enough for the pipelined read path
+@pytest.mark.parametrize("size", [3 * 1024 * 1024 + 17, store_files.READ_INLINE_LIMIT + 3 * 1024 * 1024 + 17])
+def test_round_trip(store: CubeStore, size: int) -> None:
+    m, payload = cube(size=size)  # hashed after the read, and (the larger) overlapped with it
     stored = store.put(m, payload)
     assert stored == m
     got = store.get("legal", "1.0.0")
@@ -206,8 +207,9 @@ def test_bad_arguments(store: CubeStore) -> None:
 # -- damage on disk -----------------------------------------------------------------------------------
 
 
-def test_corrupt_payload_is_detected_on_read(store: CubeStore) -> None:
-    m, payload = cube(size=3_000_000)
+@pytest.mark.parametrize("size", [3_000_000, store_files.READ_INLINE_LIMIT + 3_000_000])
+def test_corrupt_payload_is_detected_on_read(store: CubeStore, size: int) -> None:
+    m, payload = cube(size=size)
     store.put(m, payload)
     other_m, other_payload = cube("other", seed=7)
     store.put(other_m, other_payload)
