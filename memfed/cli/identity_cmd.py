@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
-from memfed.cli.options import json_option
+from memfed.cli.options import (
+    identity_dir_option,
+    json_option,
+    passphrase_env_option,
+    read_passphrase,
+    resolve_identity_dir,
+)
 from memfed.cli.output import console, emit_json
-from memfed.config import default_identity_dir
-from memfed.errors import InvalidArgumentError
-
-identity_dir_option = click.option(
-    "--dir",
-    "--identity",
-    "identity_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Identity folder. Default: $MEMFED_HOME/identity (~/.memfed/identity).",
-)
-passphrase_env_option = click.option(
-    "--passphrase-env",
-    "passphrase_env",
-    metavar="VAR",
-    default=None,
-    help="Name of an environment variable holding the private keys' passphrase (never on the command line).",
-)
-
-
-def resolve_identity_dir(identity_dir: Path | None) -> Path:
-    return identity_dir or default_identity_dir()
-
-
-def read_passphrase(var: str | None) -> bytes | None:
-    """The passphrase from the named environment variable (so it stays out of argv and shell history)."""
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if not value:
-        raise InvalidArgumentError(f"environment variable {var} is not set or empty", hint="export it first")
-    return value.encode()
 
 
 @click.group()

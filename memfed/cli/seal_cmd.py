@@ -9,13 +9,16 @@ from pathlib import Path
 
 import click
 
-from memfed.cli.identity_cmd import (
+from memfed.cli.options import (
     identity_dir_option,
+    json_option,
+    model_option,
     passphrase_env_option,
     read_passphrase,
     resolve_identity_dir,
+    resolve_store,
+    store_option,
 )
-from memfed.cli.options import json_option, model_option, resolve_store, store_option
 from memfed.cli.output import console, emit_json, progress_bar
 
 

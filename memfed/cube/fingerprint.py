@@ -71,16 +71,19 @@ def _canonical_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in sorted(data.items()) if k not in _VOLATILE_CONFIG_KEYS}
 
 
+def unwrap_base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain Hugging Face model inside a PEFT wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _base_parameters(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """The base model's parameters by their plain names, skipping adapter weights a PEFT wrapper adds.
 
     A PEFT-wrapped model renames wrapped layers (``q_proj.base_layer.weight``); those names are mapped
     back so a model fingerprints the same with or without adapters attached.
     """
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
     out = []
-    for name, param in model.named_parameters():
+    for name, param in unwrap_base_model(model).named_parameters():
         if ".lora_" in name or "lora_magnitude" in name:
             continue
         out.append((name.replace(".base_layer.", "."), param))
@@ -101,7 +104,7 @@ def fingerprint_model(
     """Fingerprint a loaded Hugging Face model (or a PEFT wrapper around one)."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_base_model(model)
     config = base.config
     config_json = json.dumps(_canonical_config(config), sort_keys=True, separators=(",", ":"), default=str)
     params = _base_parameters(model)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from memfed.cube.core import MemCube
 from memfed.cube.digest import payload_digest
-from memfed.cube.fingerprint import check_base_model, fingerprint_model
+from memfed.cube.fingerprint import check_base_model, fingerprint_model, unwrap_base_model
 from memfed.cube.manifest import check_cube_id, new_manifest
 from memfed.cube.payload import describe_tensors, dominant_dtype, read_header
 from memfed.errors import (
@@ -131,7 +131,7 @@ def lora_scaling(rank: int, alpha: float, use_rslora: bool) -> float:
 
 def _module_shapes(model: torch.nn.Module, module: str) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer, or IncompatibleModelError."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_base_model(model)
     try:
         layer = base.get_submodule(module)
     except AttributeError as exc:
