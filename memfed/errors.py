@@ -95,3 +95,17 @@ class AuthenticationError(MemfedError):
 
     exit_code = 12
     grpc_status = "UNAUTHENTICATED"
+
+
+class CapacityError(MemfedError):
+    """A memory budget or queue is too small for the request (e.g. a module larger than the whole budget)."""
+
+    exit_code = 13
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class UnavailableError(MemfedError):
+    """A peer or service could not be reached, or is shutting down. Retrying later may work."""
+
+    exit_code = 14
+    grpc_status = "UNAVAILABLE"
