@@ -41,7 +41,7 @@ class RowResult:
     memory_used: list[str] = field(default_factory=list)
     new_tokens: int = 0
     reused_tokens: int = 0
-    prefill_ms: float = 0.0
+    seconds: float = 0.0  # the activation-memory path: lookup + generate
 
 
 def check_rows(rows: Sequence[RowRequest]) -> None:
@@ -126,37 +126,35 @@ class Generator:
             results.append((tok.decode(ids, skip_special_tokens=True), len(ids)))
         return results
 
-    @torch.inference_mode()
     def _with_cache(self, prompt: str, plan: RoutePlan, max_new: int) -> RowResult:
-        from memfed.node.activation import prefill_with_reuse
+        from memfed.node.activation import generate_with_reuse
 
         kv = self.scheduler.kv_cache
         tok = self.tokenizer
-        ids = torch.tensor([tok(prompt)["input_ids"]], device=self.runtime.device)
+        ids = tok(prompt)["input_ids"]
         key = _module_key(plan.modules)
+        stored = kv.stored_tokens(plan.conversation_id, key) or []
+        reused = 0
+        while reused < min(len(stored), len(ids) - 1) and stored[reused] == ids[reused]:
+            reused += 1
         with self.runtime.routed(modules=plan.modules):
             t0 = time.perf_counter()
-            logits, cache, reused, _ = prefill_with_reuse(self.model, ids, kv, plan.conversation_id, key)
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            tokens = ids[0].tolist()
-            generated: list[int] = []
-            for _ in range(max_new):
-                nxt = int(logits[0, -1].argmax()) if logits.dim() == 3 else int(logits[0].argmax())
-                if nxt == tok.eos_token_id:
-                    break
-                generated.append(nxt)
-                step = torch.tensor([[nxt]], device=self.runtime.device)
-                out = self.model(input_ids=step, past_key_values=cache, use_cache=True)
-                logits, cache = out.logits, out.past_key_values
-                tokens.append(nxt)
-            kv.put(plan.conversation_id, key, tokens, cache)
+            out = generate_with_reuse(
+                self.model, ids, kv, plan.conversation_id, key,
+                max_new_tokens=max_new, do_sample=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )  # fmt: skip
+            seconds = time.perf_counter() - t0
+        new = out[0, len(ids) :].tolist()
+        if tok.eos_token_id in new:
+            new = new[: new.index(tok.eos_token_id)]
         memory = list(plan.memory_used)
         if reused and f"kv:{plan.conversation_id}" not in memory:
             memory.append(f"kv:{plan.conversation_id}")
         return RowResult(
-            text=tok.decode(generated, skip_special_tokens=True),
+            text=tok.decode(new, skip_special_tokens=True),
             memory_used=memory,
-            new_tokens=len(generated),
+            new_tokens=len(new),
             reused_tokens=reused,
-            prefill_ms=prefill_ms,
+            seconds=seconds,
         )

@@ -20,9 +20,10 @@ deltas of the same layer; they are non-linear, so per-row batches apply them to 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,6 +38,7 @@ from memfed.cube.fingerprint import (
     unwrap_base_model,
 )
 from memfed.cube.manifest import CubeManifest, kind_name, ref_string
+from memfed.cube.payload import checked_views
 from memfed.errors import (
     IncompatibleModelError,
     InvalidArgumentError,
@@ -67,8 +69,12 @@ class ResidentModule:
 
 @dataclass(frozen=True)
 class _Lora:
-    at: torch.Tensor  # (in, r): A transposed, so the hot path is x @ at @ bt without transposes
-    bt: torch.Tensor  # (r, out): B transposed, LoRA scaling folded in
+    a: torch.Tensor  # (r, in), as stored: F.linear reads it without a transposed copy
+    b: torch.Tensor  # (out, r)
+    scale: float
+
+    def scaled_b(self) -> torch.Tensor:
+        return self.b if self.scale == 1.0 else self.b * self.scale
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,9 @@ class _Routing:
 class _Plan:
     """What one layer computes under the current routing, built once per routing change."""
 
-    at: torch.Tensor | None = None  # (in, R) or per row (b, in, R)
-    bt: torch.Tensor | None = None  # (R, out) or per row (b, R, out)
+    a: torch.Tensor | None = None  # shared (R, in); or per row, transposed for bmm: (b, in, R)
+    b: torch.Tensor | None = None  # shared (out, R); or per row (b, R, out)
+    scale: float = 1.0  # shared path only; per-row factors carry their scale
     adapters: list[tuple[_Adapter, torch.Tensor | None]] = field(default_factory=list)  # (adapter, rows)
     batch: int | None = None
 
@@ -143,16 +150,16 @@ class _TargetLayer:
         if not loras and not adapters:
             return None
         plan = _Plan(adapters=adapters)
-        if len(loras) == 1:
-            plan.at, plan.bt = loras[0].at, loras[0].bt
-        elif loras:
-            plan.at = torch.cat([lo.at for lo in loras], dim=1)
-            plan.bt = torch.cat([lo.bt for lo in loras], dim=0)
+        if len(loras) == 1:  # the common case: the stored factors themselves, no copy
+            plan.a, plan.b, plan.scale = loras[0].a, loras[0].b, loras[0].scale
+        elif loras:  # ranks side by side = the sum of the modules' ΔW
+            plan.a = torch.cat([lo.a for lo in loras], dim=0)
+            plan.b = torch.cat([lo.scaled_b() for lo in loras], dim=1)
         return plan
 
     def _build_rows(self, rows: tuple[tuple[int, ...], ...]) -> _Plan | None:
         per_row = [[self.lora[s] for s in row if s in self.lora] for row in rows]
-        ranks = [sum(lo.at.shape[1] for lo in los) for los in per_row]
+        ranks = [sum(lo.a.shape[0] for lo in los) for los in per_row]
         adapter_rows: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             for s in row:
@@ -164,16 +171,16 @@ class _TargetLayer:
         width = max(ranks)
         if width:
             ref = next(lo for los in per_row for lo in los)
-            at = ref.at.new_zeros(len(rows), self.in_features, width)
-            bt = ref.bt.new_zeros(len(rows), width, self.out_features)
+            at = ref.a.new_zeros(len(rows), self.in_features, width)
+            bt = ref.b.new_zeros(len(rows), width, self.out_features)
             for i, los in enumerate(per_row):
                 col = 0
                 for lo in los:
-                    r = lo.at.shape[1]
-                    at[i, :, col : col + r] = lo.at
-                    bt[i, col : col + r, :] = lo.bt
+                    r = lo.a.shape[0]
+                    at[i, :, col : col + r] = lo.a.t()
+                    bt[i, col : col + r, :] = lo.scaled_b().t()
                     col += r
-            plan.at, plan.bt = at, bt
+            plan.a, plan.b = at, bt
         device = next(iter(self.adapters.values())).up_w.device if adapter_rows else None
         plan.adapters = [
             (self.adapters[s], torch.tensor(idx, device=device)) for s, idx in sorted(adapter_rows.items())
@@ -182,17 +189,16 @@ class _TargetLayer:
 
 
 def _apply(plan: _Plan, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.Tensor:
-    if plan.at is not None:
+    if plan.a is not None:
         if plan.batch is None:
-            delta = (x @ plan.at) @ plan.bt
+            out = torch.add(out, F.linear(F.linear(x, plan.a), plan.b), alpha=plan.scale)
         else:
             if x.shape[0] != plan.batch:
                 raise InvalidArgumentError(
                     f"layer {name} got a batch of {x.shape[0]} rows but the routing names {plan.batch}"
                 )
             flat = x.reshape(plan.batch, -1, x.shape[-1])
-            delta = torch.bmm(torch.bmm(flat, plan.at), plan.bt).view_as(out)
-        out = out + delta
+            out = out + torch.bmm(torch.bmm(flat, plan.a), plan.b).view_as(out)
     for adapter, rows in plan.adapters:
         if rows is None:
             out = out + adapter(out)
@@ -241,8 +247,9 @@ class ModuleRuntime:
     # -- residency -----------------------------------------------------------------------------------
 
     @property
-    def resident(self) -> dict[str, ResidentModule]:
-        return dict(self._resident)
+    def resident(self) -> Mapping[str, ResidentModule]:
+        """Resident modules by ref (a read-only view; changes only through load/unload)."""
+        return MappingProxyType(self._resident)
 
     @property
     def active(self) -> tuple[str, ...]:
@@ -260,6 +267,10 @@ class ModuleRuntime:
         """Refuse a cube made for another base model, naming both models and what differs."""
         expected = manifest.base_model
         actual = self.host_fingerprint(expected.sample_seed)
+        if (expected.fingerprint_id, expected.config_digest, expected.shapes_digest) == (
+            actual.fingerprint_id, actual.config_digest, actual.shapes_digest,
+        ):  # fmt: skip
+            return  # equal ids = equal samples on the bf16 grid: the common case, without numpy
         reasons = mismatch_reasons(expected, actual)
         if reasons:
             raise IncompatibleModelError(
@@ -269,11 +280,26 @@ class ModuleRuntime:
                 "(externalize, then internalize on this model)",
             )
 
-    def load(self, cube: MemCube, *, tensors: dict[str, torch.Tensor] | None = None) -> ResidentModule:
+    @staticmethod
+    def decode(cube: MemCube) -> dict[str, torch.Tensor]:
+        """The payload's tensors as zero-copy views, refused if any holds NaN or Inf."""
+        views, bad = checked_views(cube.payload)
+        if bad:
+            raise InvalidArgumentError(
+                f"cube {cube.ref}: tensor {bad[0]} holds NaN or Inf values"
+                + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""),
+                hint="the module diverged in training or was corrupted; retrain or re-export it",
+            )
+        return views
+
+    def load(
+        self, cube: MemCube, *, tensors: dict[str, torch.Tensor] | None = None, checked: bool = False
+    ) -> ResidentModule:
         """Make ``cube`` resident: check it fits this model, then install its factors in slot tables.
 
         Cost is proportional to the module's own size; the model is not walked. ``tensors`` may pass
-        already-decoded payload tensors (the scheduler's CPU tier) to skip decoding.
+        already-decoded payload tensors (the scheduler's host tier) to skip decoding; ``checked`` says
+        they came from ``decode`` (so the NaN/Inf scan is not repeated).
         """
         m = cube.manifest
         ref = ref_string(m)
@@ -288,9 +314,11 @@ class ModuleRuntime:
             )
         self.check_compatible(m)
         if tensors is None:
-            tensors = cube.tensors()
+            tensors, checked = self.decode(cube), True
         parts: dict[str, Any] = (
-            self._lora_parts(m, tensors) if kind == "lora" else self._adapter_parts(m, tensors)
+            self._lora_parts(m, tensors, checked)
+            if kind == "lora"
+            else self._adapter_parts(m, tensors, checked)
         )
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self.lock:
@@ -323,17 +351,19 @@ class ModuleRuntime:
             )
         return shape
 
-    def _prepare(self, ref: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, ref: str, name: str, t: torch.Tensor, checked: bool) -> torch.Tensor:
         if not t.is_floating_point():
             raise InvalidArgumentError(f"cube {ref}: tensor {name} is {t.dtype}, not floating point")
-        if not bool(torch.isfinite(t).all()):
+        if not checked and not bool(torch.isfinite(t).all()):
             raise InvalidArgumentError(
                 f"cube {ref}: tensor {name} holds NaN or Inf values",
                 hint="the module diverged in training or was corrupted; retrain or re-export it",
             )
         return t.to(device=self.device, dtype=self.dtype)
 
-    def _lora_parts(self, m: CubeManifest, tensors: dict[str, torch.Tensor]) -> dict[str, _Lora]:
+    def _lora_parts(
+        self, m: CubeManifest, tensors: dict[str, torch.Tensor], checked: bool
+    ) -> dict[str, _Lora]:
         ref = ref_string(m)
         spec = m.payload.lora
         if not spec.targets:
@@ -354,9 +384,9 @@ class ModuleRuntime:
                     f"payload holds A {tuple(a.shape)} and B {tuple(b.shape)}",
                     hint="the rank or target layer does not match this model; re-import the adapter",
                 )
-            a = self._prepare(ref, a_name, a)
-            b = self._prepare(ref, b_name, b)
-            parts[target.module] = _Lora(at=a.t().contiguous(), bt=(b * target.scaling).t().contiguous())
+            a = self._prepare(ref, a_name, a, checked)
+            b = self._prepare(ref, b_name, b, checked)
+            parts[target.module] = _Lora(a=a, b=b, scale=float(target.scaling))
         extra = set(tensors) - expected_names
         if extra:
             raise InvalidManifestError(
@@ -364,7 +394,9 @@ class ModuleRuntime:
             )
         return parts
 
-    def _adapter_parts(self, m: CubeManifest, tensors: dict[str, torch.Tensor]) -> dict[str, _Adapter]:
+    def _adapter_parts(
+        self, m: CubeManifest, tensors: dict[str, torch.Tensor], checked: bool
+    ) -> dict[str, _Adapter]:
         ref = ref_string(m)
         spec = m.payload.adapter
         act = ACTIVATIONS.get(spec.activation or "relu")
@@ -391,7 +423,7 @@ class ModuleRuntime:
                     f"{out_f} features",
                     hint="the bottleneck size or target layer does not match this model",
                 )
-            dw, db, uw, ub = (self._prepare(ref, n, tensors[n]) for n in names)
+            dw, db, uw, ub = (self._prepare(ref, n, tensors[n], checked) for n in names)
             parts[module] = _Adapter(dw, db, uw, ub, act)
         return parts
 

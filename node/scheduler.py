@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from memfed.cube.manifest import CubeManifest, parse_ref, ref_string
 from memfed.errors import CapacityError, InvalidArgumentError, LifecycleError, NotFoundError
 from memfed.mip.v1 import cube_pb2
+from memfed.node.lifecycle import Lifecycle
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,7 @@ class MemScheduler:
         self.plaintext = plaintext
         self.kv_cache = kv_cache
         self.clock = clock
+        self.lifecycle = Lifecycle(store)
         self.tasks: dict[str, str] = {}
         self.stats: dict[str, ModuleStats] = {}
         self._host: OrderedDict[str, tuple[CubeManifest, dict[str, torch.Tensor], int]] = OrderedDict()
@@ -150,48 +152,72 @@ class MemScheduler:
 
     def _expire(self, ref: str, m: CubeManifest) -> None:
         self._drop(ref)
-        self.store.set_lifecycle(m.cube_id, m.version, "expired", reason=f"TTL of {m.ttl_seconds}s ran out")
+        self.lifecycle.expire(m.cube_id, m.version, reason=f"TTL of {m.ttl_seconds}s ran out")
 
     # -- tiers -----------------------------------------------------------------------------------------
 
     def load(self, name: str, *, pin: bool = False) -> ResidentModule:
         """Make a module resident on the device (from the host cache or the store), evicting as needed."""
         with self._lock:
-            m = self.resolve(name)
-            ref = ref_string(m)
-            if m.lifecycle == cube_pb2.LIFECYCLE_STATE_EXPIRED:
-                raise LifecycleError(
-                    f"module {ref} has expired", hint=f"restore it first: memfed module restore {ref}"
-                )
-            if self.expired(m):
-                self._expire(ref, m)
-                raise LifecycleError(
-                    f"module {ref} expired: its TTL of {m.ttl_seconds}s ran out",
-                    hint=f"restore it (memfed module restore {ref}) or publish a new version",
-                )
-            stats = self._stats(ref)
-            stats.pinned = stats.pinned or pin
-            resident = self.runtime.resident.get(ref)
-            if resident is not None:
-                stats.last_used = self.clock()
+            resident = self.runtime.resident.get(name)
+            if resident is not None and not self.expired(resident.manifest):  # hot path: no store query
+                self._used(name, pin)
                 return resident
-            entry = self._host.pop(ref, None)
-            if entry is None:
-                cube = self.store.get(m.cube_id, m.version)  # verified read; refuses archived cubes
-                tensors = cube.tensors()
-                nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+            cube_id, version = parse_ref(name)
+            if version is None:  # "id" means its newest version: ask the index which that is
+                m = self.resolve(name)
+                cube_id, version = m.cube_id, m.version
+            ref = f"{cube_id}@{version}"
+            resident = self.runtime.resident.get(ref)
+            if resident is not None and not self.expired(resident.manifest):
+                self._used(ref, pin)
+                return resident
+            entry = self._host.get(ref)
+            if entry is not None:
+                m, tensors, nbytes = entry
+                cube: Any = _ManifestOnly(m)
+                self._check_usable(m)
             else:
-                _, tensors, nbytes = entry
-                cube = _ManifestOnly(m)
+                try:
+                    cube = self.store.get(cube_id, version)  # verified read; refuses archived cubes
+                except NotFoundError as exc:
+                    raise NotFoundError(
+                        f"no module {name!r} on this node", hint="list modules with `memfed cube list`"
+                    ) from exc
+                m = cube.manifest
+                self._check_usable(m)
+                tensors = self.runtime.decode(cube)  # views of the verified bytes: no second copy
+                nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
             self._make_room("device", nbytes, ref)
-            module = self.runtime.load(cube, tensors=tensors)  # type: ignore[arg-type]
-            if self.host_budget >= nbytes:  # keep the decoded copy: an eviction then costs no disk read
+            module = self.runtime.load(cube, tensors=tensors, checked=True)
+            if entry is None and self.host_budget >= nbytes:  # keep the decoded copy: reloads skip the disk
                 self._make_room("host", nbytes, ref)
                 self._host[ref] = (m, tensors, nbytes)
+            stats = self._used(ref, pin)
             stats.loads += 1
-            stats.last_used = self.clock()
             stats.tier = "device"
             return module
+
+    def _used(self, ref: str, pin: bool) -> ModuleStats:
+        stats = self._stats(ref)
+        stats.pinned = stats.pinned or pin
+        stats.last_used = self.clock()
+        if ref in self._host:
+            self._host.move_to_end(ref)
+        return stats
+
+    def _check_usable(self, m: CubeManifest) -> None:
+        ref = ref_string(m)
+        if m.lifecycle == cube_pb2.LIFECYCLE_STATE_EXPIRED:
+            raise LifecycleError(
+                f"module {ref} has expired", hint=f"restore it first: memfed module restore {ref}"
+            )
+        if self.expired(m):
+            self._expire(ref, m)
+            raise LifecycleError(
+                f"module {ref} expired: its TTL of {m.ttl_seconds}s ran out",
+                hint=f"restore it (memfed module restore {ref}) or publish a new version",
+            )
 
     def evict(self, name: str, *, tier: str = "device") -> None:
         """Move a module down: ``device`` → host cache; ``host`` → disk only (drops both copies)."""
@@ -291,7 +317,7 @@ class MemScheduler:
         module = self.runtime.resident.get(ref)
         if module is not None and module.manifest.lifecycle == _STATE_GENERATED:
             m = module.manifest
-            self.store.set_lifecycle(m.cube_id, m.version, "activated", reason="first use by the scheduler")
+            self.lifecycle.transition(m.cube_id, m.version, "activated", reason="first use by the scheduler")
             m.lifecycle = _STATE_ACTIVATED
 
     def bind_task(self, task: str, module: str) -> None:
@@ -344,8 +370,8 @@ class MemScheduler:
             plan.memory_used += [f"param:{ref}" for ref in plan.modules]
         if conversation_id and policy.use_activation_memory and self.kv_cache is not None:
             plan.reuse_kv = True  # the prefill stores the cache even on the first turn
-            cached = self.kv_cache.cached_tokens(conversation_id, _module_key(plan.modules))
-            if prompt_tokens is not None and cached >= policy.long_context_tokens:
+            stored = self.kv_cache.stored_tokens(conversation_id, _module_key(plan.modules)) or []
+            if prompt_tokens is not None and len(stored) >= policy.long_context_tokens:
                 plan.memory_used.append(f"kv:{conversation_id}")
         kv_used = any(used.startswith("kv:") for used in plan.memory_used)
         wants_text = policy.text_with_modules or not (plan.modules or kv_used)

@@ -20,6 +20,9 @@ Settings, and why:
 * ``busy_timeout``: writers from several processes queue on SQLite's lock instead of failing at once;
   write transactions start with ``BEGIN IMMEDIATE`` so they take the lock up front and never hit the
   deadlock-prone read-to-write upgrade.
+
+Schema history: v1 cubes + lifecycle_events; v2 adds ``cubes.cold`` (where the payload lives: 0 =
+objects/, 1 = cold/, compressed; see memfed.node.lifecycle). A store is upgraded in place when opened.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from memfed.errors import InvalidArgumentError, StorageError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 SYNCHRONOUS_MODES = ("FULL", "NORMAL")
 
@@ -72,6 +75,14 @@ CREATE INDEX lifecycle_events_by_cube ON lifecycle_events (cube_id, version, id)
 """
 
 
+# v2: archived payloads live compressed in cold/ instead of objects/. The index says which, so a crash
+# between moving the file and committing the row is always resolved by the row (the other copy is an
+# orphan for gc), never by looking at which files happen to exist.
+_SCHEMA_V2 = """
+ALTER TABLE cubes ADD COLUMN cold INTEGER NOT NULL DEFAULT 0  -- 1: payload in cold/<digest>.gz, not objects/
+"""
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     # executescript() would COMMIT the open transaction first; run statement by statement instead.
     for statement in script.split(";"):
@@ -84,10 +95,14 @@ def _migrate_0_to_1(conn: sqlite3.Connection) -> None:
     _run_script(conn, _SCHEMA_V1)
 
 
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    _run_script(conn, _SCHEMA_V2)
+
+
 # MIGRATIONS[n] upgrades a schema at version n-1 to version n, inside the one write transaction that
 # also sets PRAGMA user_version, so a killed migration leaves the old version. When the schema changes:
 # add a function here (never edit an old one) and bump SCHEMA_VERSION.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_0_to_1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_0_to_1, 2: _migrate_1_to_2}
 
 
 def now_iso() -> str:
@@ -106,9 +121,10 @@ class CubeRow:
     local_check: bytes
     lifecycle: int
     manifest: bytes
+    cold: int = 0  # 1: the payload is in cold storage (compressed), not in objects/
 
 
-_ROW_COLUMNS = "cube_id, version, digest, size, local_check, lifecycle, manifest"
+_ROW_COLUMNS = "cube_id, version, digest, size, local_check, lifecycle, manifest, cold"
 
 
 def storage_error(exc: sqlite3.Error, path: Path, doing: str) -> StorageError:
@@ -274,6 +290,43 @@ class StoreIndex:
         return (
             self.conn.execute("SELECT 1 FROM cubes WHERE digest = ? LIMIT 1", (digest,)).fetchone()
             is not None
+        )
+
+    def digest_referenced_at(self, digest: str, *, cold: bool) -> bool:
+        """Whether a row whose payload is hot (``cold=False``) or cold references ``digest``."""
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM cubes WHERE digest = ? AND cold = ? LIMIT 1", (digest, int(cold))
+            ).fetchone()
+            is not None
+        )
+
+    def digests_at(self, *, cold: bool) -> set[str]:
+        """Every digest whose payload some row expects in objects/ (``cold=False``) or in cold/."""
+        return {
+            d for (d,) in self.conn.execute("SELECT DISTINCT digest FROM cubes WHERE cold = ?", (int(cold),))
+        }
+
+    def version_states(self, cube_id: str) -> list[tuple[str, int, int]]:
+        """(version, lifecycle, cold) of every stored version of a cube."""
+        return list(
+            self.conn.execute("SELECT version, lifecycle, cold FROM cubes WHERE cube_id = ?", (cube_id,))
+        )
+
+    def set_location(self, cube_id: str, version: str, *, cold: bool) -> None:
+        self.conn.execute(
+            "UPDATE cubes SET cold = ? WHERE cube_id = ? AND version = ?", (int(cold), cube_id, version)
+        )
+
+    def entered_state(self, state: int) -> list[tuple[str, str, str]]:
+        """(cube_id, version, at) of every cube now in ``state``, ``at`` being when it last entered it."""
+        return list(
+            self.conn.execute(
+                "SELECT c.cube_id, c.version, MAX(e.at) FROM cubes AS c JOIN lifecycle_events AS e"
+                " ON e.cube_id = c.cube_id AND e.version = c.version AND e.to_state = c.lifecycle"
+                " WHERE c.lifecycle = ? GROUP BY c.id ORDER BY c.cube_id, c.version",
+                (state,),
+            )
         )
 
     def all_digests(self) -> dict[str, int]:

@@ -10,7 +10,10 @@ from pathlib import Path
 from memfed.cli.main import main
 from memfed.node.models import save_tiny_model_dir
 
-STEPS = ["model", "make_adapter", "import", "export_roundtrip", "foreign_model_refused", "tamper_detected"]
+STEPS = [
+    "model", "make_adapter", "import", "export_roundtrip", "hot_swap", "time_machine",
+    "foreign_model_refused", "tamper_detected",
+]  # fmt: skip
 
 
 def test_demo_json_reports_every_step_ok_and_cleans_up(default_model_dir: Path, capsys) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 BENCHES: dict[str, str] = {
     "store": "memfed.bench.store:run",
     "seal": "memfed.bench.seal:run",
+    "swap": "memfed.bench.swap:run",
 }
 
 

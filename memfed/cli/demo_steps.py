@@ -49,6 +49,7 @@ def run(story: Any, work: Path, model_dir: Path | None = None) -> None:
     import torch
     from peft import PeftModel
 
+    from memfed.cube.build import lora_cube
     from memfed.cube.fingerprint import describe, fingerprint_model
     from memfed.cube.peft_io import attach_to_peft_model, export_peft, import_peft
     from memfed.errors import IncompatibleModelError, IntegrityError
@@ -117,6 +118,102 @@ def run(story: Any, work: Path, model_dir: Path | None = None) -> None:
             "say": f"exported back to PEFT; logits differ by at most {diff:.1e}",
         }
 
+    def hot_swap_step() -> dict[str, Any]:
+        import time
+
+        from memfed.node.generation import Generator, RowRequest
+        from memfed.node.runtime import ModuleRuntime
+        from memfed.node.scheduler import MemScheduler
+
+        model, tokenizer, cube = state["model"], state["tokenizer"], state["cube"]
+        g = torch.Generator().manual_seed(1)
+        other = lora_cube(  # a second module, so there is something to swap between
+            model,
+            {n: (torch.randn(4, i, generator=g) * 0.01, torch.randn(o, 4, generator=g) * 0.01)
+             for n, (i, o) in list(ModuleRuntime(model).linear_layers.items())[:4]},
+            cube_id="demo_style",
+        )  # fmt: skip
+        with CubeStore(work / "store") as store:
+            store.put(other.manifest, other.payload)
+            runtime = ModuleRuntime(model)
+            sched = MemScheduler(runtime, store)
+            t0 = time.perf_counter()
+            sched.load(cube.ref)
+            sched.load(other.ref)
+            load_ms = (time.perf_counter() - t0) * 1e3 / 2
+            swaps = []
+            for ref in [cube.ref, other.ref] * 50:
+                t0 = time.perf_counter()
+                sched.activate(ref)
+                swaps.append((time.perf_counter() - t0) * 1e3)
+            sched.deactivate()
+            rows = [RowRequest(NEW_FACT_PROMPT, modules=(cube.ref,), max_new_tokens=4),
+                    RowRequest(NEW_FACT_PROMPT, max_new_tokens=4),
+                    RowRequest(NEW_FACT_PROMPT, modules=(other.ref,), max_new_tokens=4)]  # fmt: skip
+            with_module, bare, styled = Generator(sched, tokenizer).generate(rows)
+            runtime.close()
+        swaps.sort()
+        swap_ms = swaps[len(swaps) // 2]
+        ok = with_module.text.strip().startswith(NEW_FACT_TARGET.strip()) and bare.text != with_module.text
+        return {
+            "ok": ok,
+            "activate_ms_p50": round(swap_ms, 4),
+            "load_ms": round(load_ms, 2),
+            "mixed_batch": [with_module.text, bare.text, styled.text],
+            "say": f"load {load_ms:.1f} ms/module, activate {swap_ms * 1e3:.0f} µs; one batch, three rows: "
+            f"{with_module.text!r} (Zephyria module) / {bare.text!r} (bare) / {styled.text!r} (other module)",
+        }
+
+    def time_machine_step() -> dict[str, Any]:
+        from memfed.errors import LifecycleError
+        from memfed.node.lifecycle import Lifecycle
+        from memfed.node.runtime import ModuleRuntime
+
+        model, tokenizer, cube = state["model"], state["tokenizer"], state["cube"]
+        v1 = cube.manifest
+        # v1.1.0 "forgets" the fact (B zeroed): the next version on the cube's chain.
+        tensors = {k: (v if ".lora_A." in k else torch.zeros_like(v)) for k, v in cube.tensors().items()}
+        factors = {t.module: (tensors[f"{t.module}.lora_A.weight"], tensors[f"{t.module}.lora_B.weight"])
+                   for t in v1.payload.lora.targets}  # fmt: skip
+        v2 = lora_cube(v1.base_model, factors, cube_id=v1.cube_id, version="1.1.0", version_chain=[v1.digest])
+
+        def answer(store: CubeStore) -> str:
+            current = store.get(v1.cube_id)
+            runtime = ModuleRuntime(model)
+            runtime.load(current)
+            runtime.activate(current.ref)
+            try:
+                return _greedy(model, tokenizer, NEW_FACT_PROMPT, 4)
+            finally:
+                runtime.close()
+
+        with CubeStore(work / "store") as store:
+            life = Lifecycle(store)
+            store.put(v2.manifest, v2.payload)
+            newest = answer(store)
+            back = life.rollback(v1.cube_id, "1.0.0", reason="v1.1.0 lost the Zephyria fact")
+            rolled = answer(store)
+            refused = False
+            try:
+                store.get(v1.cube_id, "1.1.0")
+            except LifecycleError:
+                refused = True
+            life.restore(v1.cube_id, "1.1.0", reason="roll forward again")
+            history = [
+                f"{e.version} {e.from_name}→{e.to_name}"
+                if e.from_name != "unspecified"
+                else f"{e.version} stored"
+                for e in life.history(v1.cube_id)
+            ]
+        ok = refused and rolled.strip().startswith(NEW_FACT_TARGET.strip()) and newest != rolled
+        return {
+            "ok": ok,
+            "archived": back.archived,
+            "history": history,
+            "say": f"v1.1.0 answers {newest!r}; rollback to 1.0.0 (1.1.0 archived to cold storage) answers "
+            f"{rolled!r}; 1.1.0 restored again. History: {', '.join(history)}",
+        }
+
     def foreign_step() -> dict[str, Any]:
         other = tiny_llama(seed=1)
         try:
@@ -134,7 +231,7 @@ def run(story: Any, work: Path, model_dir: Path | None = None) -> None:
             path.write_bytes(bytes(data))
         try:
             with CubeStore(work / "store") as store:
-                store.get("demo_zephyria")
+                store.get("demo_zephyria", "1.0.0")
         except IntegrityError as exc:
             return {"error": str(exc), "say": "one flipped bit in the stored payload → digest error on read"}
         return {"ok": False, "say": "tampering was NOT detected"}
@@ -143,5 +240,7 @@ def run(story: Any, work: Path, model_dir: Path | None = None) -> None:
     story.step("make_adapter", "Teach a new fact with a PEFT LoRA", adapter_step)
     story.step("import", "Import the PEFT adapter as a MemCube", import_step)
     story.step("export_roundtrip", "Export the cube back to PEFT and compare", export_step)
+    story.step("hot_swap", "Hot-swap modules and run a mixed-module batch", hot_swap_step)
+    story.step("time_machine", "Publish a new version, roll back, restore (time machine)", time_machine_step)
     story.step("foreign_model_refused", "Apply the cube to another base model", foreign_step)
     story.step("tamper_detected", "Corrupt the stored payload", tamper_step)
