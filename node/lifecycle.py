@@ -4,8 +4,8 @@ States (``memfed.mip.v1.LifecycleState``) and what they mean on a node::
 
     GENERATED  stored, not in use (a fresh put, or deactivated)
     ACTIVATED  in use: loadable and served
-    MERGED     folded into another cube (a merge product, itself a new cube that names this one in its
-               version chain); no longer served on its own, payload kept for provenance and unmerging
+    MERGED     a merge product (memfed.node.merge): made from parents its version chain names, served
+               like an activated module; the parents keep their own states
     ARCHIVED   payload moved to cold storage (compressed, cold/ under the store's root): not loadable
                until restored
     EXPIRED    hidden (from ``CubeStore.list`` and from ``get`` without a version, refused by ``get``) and
@@ -15,22 +15,22 @@ Legal transitions, defined once in ``TRANSITIONS`` (anything else raises Lifecyc
 nothing; setting the state a cube is already in is a no-op and records nothing)::
 
     GENERATED -> ACTIVATED   activate
-    GENERATED -> MERGED      merged into a product without having been served alone
+    GENERATED -> MERGED      declared a merge product
     GENERATED -> ARCHIVED    archive (payload to cold storage)
     GENERATED -> EXPIRED     expire
     ACTIVATED -> GENERATED   deactivate
-    ACTIVATED -> MERGED      merged into a product
+    ACTIVATED -> MERGED      declared a merge product
     ACTIVATED -> ARCHIVED    archive
     ACTIVATED -> EXPIRED     expire
-    MERGED    -> ACTIVATED   unmerge (the product was dropped)
+    MERGED    -> ACTIVATED   served as an ordinary module
     MERGED    -> ARCHIVED    archive
     MERGED    -> EXPIRED     expire
     ARCHIVED  -> ACTIVATED   restore: payload back from cold storage, verified against its digest
     ARCHIVED  -> EXPIRED     expire (the payload stays cold until purged)
     EXPIRED   -> ACTIVATED   restore, possible until the cube is purged
 
-MERGED belongs to the *parents* of a merge: the product is an ordinary new cube (put, then activated);
-``merge`` moves its parents to MERGED, recording the product in the reason. Only ACTIVATED leads out
+A merge product is stored directly in MERGED (its version chain names the parents, its origin the
+method and weights); merging never changes the parents, which stay usable alone. Only ACTIVATED leads out
 of ARCHIVED and EXPIRED, so nothing is ever un-archived without its payload being restored and checked.
 
 Every transition goes through the store, which records it (from, to, time, reason) in the same
@@ -47,7 +47,7 @@ semver that is neither archived nor expired.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -212,35 +212,6 @@ class Lifecycle:
         """Move the cube to EXPIRED: hidden, refused by ``get``, purged by ``purge_expired`` after the
         retention period, restorable until then. The payload stays where it is (hot, or cold)."""
         return self.transition(cube_id, version, EXPIRED, reason)
-
-    def merge(
-        self, sources: Iterable[tuple[str, str]], into: tuple[str, str], reason: str
-    ) -> list[LifecycleEvent]:
-        """Record that the cubes ``sources`` ((cube_id, version) pairs) were merged into the cube
-        ``into``, which must be stored and usable (not archived or expired): each source moves to
-        MERGED, its reason naming the product. Every source is checked before any moves; a source
-        that is MERGED already is left as it is (so a merge interrupted midway can be run again).
-        Returns the events recorded."""
-        _check_reason(reason)
-        product_id, product_version = into
-        pairs = list(dict.fromkeys(sources))
-        if not pairs:
-            raise InvalidArgumentError("a merge needs at least one source cube")
-        if (product_id, product_version) in pairs:
-            raise InvalidArgumentError(f"cube {product_id}@{product_version} cannot be merged into itself")
-        product = self.store.get_manifest(product_id, product_version).lifecycle
-        if product in (ARCHIVED, EXPIRED):
-            raise LifecycleError(
-                f"merge product {product_id}@{product_version} is {lifecycle_name(product)}",
-                hint=f"restore it first: memfed module restore {product_id}@{product_version}",
-            )
-        for cube_id, version in pairs:
-            old = self.store.get_manifest(cube_id, version).lifecycle
-            if old != MERGED and MERGED not in TRANSITIONS[old]:
-                raise _illegal(cube_id, version, old, MERGED)
-        note = f"merged into {product_id}@{product_version}: {reason}"
-        events = [self.transition(cube_id, version, MERGED, note) for cube_id, version in pairs]
-        return [e for e in events if e is not None]
 
     def purge_expired(self, retention_s: float, now: datetime | None = None) -> list[PurgedCube]:
         """Delete every cube that has been EXPIRED for at least ``retention_s`` seconds at ``now``

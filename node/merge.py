@@ -42,16 +42,20 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memfed.cube.core import MemCube
 from memfed.cube.digest import payload_digest
 from memfed.cube.fingerprint import describe, mismatch_reasons
-from memfed.cube.manifest import new_manifest
+from memfed.cube.manifest import new_manifest, parse_ref
 from memfed.cube.payload import describe_tensors, dominant_dtype, encode_tensors
 from memfed.errors import IncompatibleModelError, InvalidArgumentError, UnsupportedError
 from memfed.mip.v1 import cube_pb2
+
+if TYPE_CHECKING:
+    from memfed.node.store import CubeStore
 
 MERGE_METHODS: tuple[str, ...] = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
@@ -358,3 +362,27 @@ def _build_cube(
         ),
         payload=payload,
     )
+
+
+def merge_in_store(
+    store: CubeStore,
+    names: Sequence[str],
+    weights: Sequence[float] | None = None,
+    *,
+    method: str = "cat",
+    cube_id: str,
+    version: str = "1.0.0",
+    **options: Any,
+) -> MemCube:
+    """Merge stored cubes (``id`` or ``id@version`` each) and store the product in state MERGED.
+
+    The parents are read verified from the store and left as they are; nothing is stored when the merge
+    is refused. ``options`` go to ``merge_lora_cubes`` (density, rank, majority_sign_method, seed, owner).
+    """
+    cubes = []
+    for name in names:
+        parent_id, parent_version = parse_ref(name)
+        cubes.append(store.get(parent_id, parent_version))
+    merged = merge_lora_cubes(cubes, weights, method=method, cube_id=cube_id, version=version, **options)
+    store.put(merged.manifest, merged.payload)
+    return merged

@@ -424,39 +424,6 @@ def test_restore_of_expired_cubes_before_purge(store: CubeStore, life: Lifecycle
 # -- merge ----------------------------------------------------------------------------------------------
 
 
-def test_merge_moves_the_parents_to_merged(store: CubeStore, life: Lifecycle) -> None:
-    ma, pa = lora_cube("legal", seed=1)
-    mb, pb = lora_cube("medical", seed=2)
-    mp, pp = lora_cube("combo", seed=3, version_chain=[ma.digest, mb.digest])
-    for m, p in ((ma, pa), (mb, pb), (mp, pp)):
-        store.put(m, p)
-    life.transition("legal", "1.0.0", "activated", "load")
-    events = life.merge([("legal", "1.0.0"), ("medical", "1.0.0")], ("combo", "1.0.0"), "consolidation")
-    assert [(e.cube_id, e.from_name, e.to_name, e.reason) for e in events] == [
-        ("legal", "activated", "merged", "merged into combo@1.0.0: consolidation"),
-        ("medical", "generated", "merged", "merged into combo@1.0.0: consolidation"),
-    ]
-    assert life.state("combo", "1.0.0") == "generated"  # the product is an ordinary new cube
-    assert store.get("legal").payload == pa  # kept for provenance and unmerging
-    assert life.merge([("legal", "1.0.0")], ("combo", "1.0.0"), "again") == []  # idempotent
-    life.transition("legal", "1.0.0", "activated", "unmerge")
-
-    store.put(*lora_cube("other", seed=4))
-    life.archive("medical", "1.0.0", "old")
-    before = snapshot(store, "other", "1.0.0")
-    with pytest.raises(LifecycleError, match="from archived to merged"):
-        life.merge([("other", "1.0.0"), ("medical", "1.0.0")], ("combo", "1.0.0"), "x")
-    assert snapshot(store, "other", "1.0.0") == before  # checked all before moving any
-    life.archive("combo", "1.0.0", "old")
-    with pytest.raises(LifecycleError, match="merge product"):
-        life.merge([("other", "1.0.0")], ("combo", "1.0.0"), "x")
-    with pytest.raises(InvalidArgumentError):
-        life.merge([("combo", "1.0.0")], ("combo", "1.0.0"), "x")
-    with pytest.raises(InvalidArgumentError):
-        life.merge([], ("other", "1.0.0"), "x")
-    clean(store)
-
-
 # -- the time machine -----------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from helpers.lora_cubes import peft_lora_cube
 from memfed.cube.core import MemCube
 from memfed.cube.digest import payload_digest
 from memfed.cube.fingerprint import fingerprint_model
@@ -310,3 +311,22 @@ def test_merging_rank16_cubes_of_a_130m_model_is_fast(fp) -> None:
 
 def test_merge_methods_are_peft_names() -> None:
     assert set(MERGE_METHODS) == {"linear", "cat", "svd", "ties", "dare_linear", "dare_ties"}
+
+
+def test_merge_in_store_stores_a_merged_product_and_leaves_parents(tmp_path) -> None:
+    from memfed.node.merge import merge_in_store
+    from memfed.node.store import CubeStore
+
+    model = tiny_llama(seed=3)
+    with CubeStore(tmp_path / "s") as store:
+        parents = [peft_lora_cube(model, f"p{i}", seed=i) for i in range(2)]
+        for p in parents:
+            store.put(p.manifest, p.payload)
+        merged = merge_in_store(store, ["p0", "p1@1.0.0"], [0.5, 0.5], cube_id="both")
+        stored = store.get_manifest("both")
+        assert stored.lifecycle == cube_pb2.LIFECYCLE_STATE_MERGED
+        assert stored.digest == merged.manifest.digest
+        assert [p.manifest.digest for p in parents] == list(stored.version_chain)[-2:]
+        assert all(
+            store.get_manifest(f"p{i}").lifecycle == cube_pb2.LIFECYCLE_STATE_GENERATED for i in range(2)
+        )
