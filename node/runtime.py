@@ -359,6 +359,8 @@ class ModuleRuntime:
                 f"cube {ref}: tensor {name} holds NaN or Inf values",
                 hint="the module diverged in training or was corrupted; retrain or re-export it",
             )
+        if t.dtype == self.dtype and t.device == self.device:
+            return t
         return t.to(device=self.device, dtype=self.dtype)
 
     def _lora_parts(

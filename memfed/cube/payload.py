@@ -148,15 +148,28 @@ def _views(
     import torch
 
     out: dict[str, torch.Tensor] = {}
+    flats: dict[str, torch.Tensor] = {}  # one view of the whole data region per dtype: slicing it is cheap
+    data_bytes = len(payload) - start
     with warnings.catch_warnings():  # bytes are read-only; callers never write to these views
         warnings.simplefilter("ignore", UserWarning)
         for name, code, shape, begin, end in entries:
-            dtype = getattr(torch, _TORCH_DTYPES[code][0])
+            torch_name, itemsize = _TORCH_DTYPES[code]
+            dtype = getattr(torch, torch_name)
             if begin == end:
                 out[name] = torch.empty(shape, dtype=dtype)
                 continue
-            count = (end - begin) // _TORCH_DTYPES[code][1]
-            out[name] = torch.frombuffer(payload, dtype=dtype, count=count, offset=start + begin).view(shape)
+            if begin % itemsize == 0:
+                flat = flats.get(code)
+                if flat is None:
+                    flat = flats[code] = torch.frombuffer(
+                        payload, dtype=dtype, count=data_bytes // itemsize, offset=start
+                    )
+                out[name] = flat[begin // itemsize : end // itemsize].view(shape)
+            else:  # an unaligned tensor (not written by safetensors): a view of its own bytes
+                count = (end - begin) // itemsize
+                out[name] = torch.frombuffer(payload, dtype=dtype, count=count, offset=start + begin).view(
+                    shape
+                )
     return out
 
 
@@ -171,14 +184,25 @@ _CHECK_CHUNK = 1 << 20  # elements
 def _has_nonfinite(payload: bytes | bytearray | memoryview, code: str, offset: int, nbytes: int) -> bool:
     import numpy as np
 
+    if code in ("F32", "F64"):  # min and max propagate NaN and reach ±Inf: two SIMD passes, no temporaries
+        values = np.frombuffer(
+            payload,
+            dtype="<f4" if code == "F32" else "<f8",
+            count=nbytes // (4 if code == "F32" else 8),
+            offset=offset,
+        )
+        return not (np.isfinite(values.max()) and np.isfinite(values.min()))
     kind, mask = _EXPONENT_MASKS[code]
     dtype = np.dtype(kind)
     count = nbytes // dtype.itemsize
     bits = np.frombuffer(payload, dtype=dtype, count=count, offset=offset)
     m = dtype.type(mask)
+    buf = np.empty(min(count, _CHECK_CHUNK), dtype=dtype)
     for lo in range(0, count, _CHECK_CHUNK):
         part = bits[lo : lo + _CHECK_CHUNK]
-        if np.any((part & m) == m):
+        out = buf[: len(part)]
+        np.bitwise_and(part, m, out=out)
+        if (out == m).any():
             return True
     return False
 
