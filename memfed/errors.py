@@ -109,3 +109,15 @@ class UnavailableError(MemfedError):
 
     exit_code = 14
     grpc_status = "UNAVAILABLE"
+
+
+class DeadlineExceededError(UnavailableError):
+    """The call did not finish before its deadline (the node dropped or stopped the work)."""
+
+    grpc_status = "DEADLINE_EXCEEDED"
+
+
+class CallCancelledError(UnavailableError):
+    """The call was cancelled before it finished."""
+
+    grpc_status = "CANCELLED"

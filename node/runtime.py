@@ -292,6 +292,27 @@ class ModuleRuntime:
             )
         return views
 
+    def validate(
+        self, cube: MemCube, *, tensors: dict[str, torch.Tensor] | None = None, checked: bool = False
+    ) -> dict[str, Any]:
+        """Every check ``load`` makes (kind, base model, targets, ranks, shapes, NaN/Inf), without
+        installing anything: what a node runs before it stores a pushed module. Returns the prepared
+        per-layer factors."""
+        m = cube.manifest
+        ref = ref_string(m)
+        kind = kind_name(m.kind)
+        if kind not in ("lora", "adapter"):
+            raise UnsupportedError(
+                f"cube {ref} is a {kind} cube; the module runtime runs lora and adapter cubes",
+                hint="edit cubes are applied by `memfed edit`, plaintext cubes are read as text",
+            )
+        self.check_compatible(m)
+        if tensors is None:
+            tensors, checked = self.decode(cube), True
+        if kind == "lora":
+            return self._lora_parts(m, tensors, checked)
+        return self._adapter_parts(m, tensors, checked)
+
     def load(
         self, cube: MemCube, *, tensors: dict[str, torch.Tensor] | None = None, checked: bool = False
     ) -> ResidentModule:
@@ -306,20 +327,10 @@ class ModuleRuntime:
         with self.lock:
             if ref in self._resident:
                 return self._resident[ref]
-        kind = kind_name(m.kind)
-        if kind not in ("lora", "adapter"):
-            raise UnsupportedError(
-                f"cube {ref} is a {kind} cube; the module runtime runs lora and adapter cubes",
-                hint="edit cubes are applied by `memfed edit`, plaintext cubes are read as text",
-            )
-        self.check_compatible(m)
         if tensors is None:
             tensors, checked = self.decode(cube), True
-        parts: dict[str, Any] = (
-            self._lora_parts(m, tensors, checked)
-            if kind == "lora"
-            else self._adapter_parts(m, tensors, checked)
-        )
+        parts = self.validate(cube, tensors=tensors, checked=checked)
+        kind = kind_name(m.kind)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self.lock:
             if ref in self._resident:

@@ -383,7 +383,7 @@ class MemScheduler:
 
 def _module_key(refs: Sequence[str]) -> str:
     """The identity of a module set for KV caching: a cache computed under other modules is not reused."""
-    return "+".join(sorted(refs))
+    return "+".join(sorted(refs)) or "base"
 
 
 class _ManifestOnly:

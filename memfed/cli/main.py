@@ -12,8 +12,11 @@ import memfed
 from memfed.cli.bench_cmd import bench
 from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
+from memfed.cli.generate_cmd import generate
 from memfed.cli.identity_cmd import identity
 from memfed.cli.model_cmd import model
+from memfed.cli.module_cmd import module
+from memfed.cli.node_cmd import node
 from memfed.cli.output import emit_json, err_console
 from memfed.cli.seal_cmd import detect_watermark_cmd, export_cmd, import_cmd
 from memfed.errors import MemfedError
@@ -26,6 +29,7 @@ Exit codes:
   3  invalid argument      9  illegal lifecycle transition
   4  not found            10  storage failure (disk full, I/O)
   5  already exists       11  permission denied   12  unauthenticated
+ 13  memory budget or queue too small    14  node unreachable, or its deadline passed
 """
 
 
@@ -54,6 +58,9 @@ cli.add_command(cube)
 cli.add_command(bench)
 cli.add_command(demo)
 cli.add_command(identity)
+cli.add_command(node)
+cli.add_command(module)
+cli.add_command(generate)
 cube.add_command(export_cmd)
 cube.add_command(import_cmd)
 cube.add_command(detect_watermark_cmd)

@@ -80,6 +80,31 @@ class NodeServiceStub:
                 request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/Load',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/Evict',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.Merge = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/Merge',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/Rollback',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.BindTask = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/BindTask',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -140,6 +165,36 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Load(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Merge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BindTask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +242,31 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateRequest.FromString,
                     response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictResponse.SerializeToString,
+            ),
+            'Merge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Merge,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackResponse.SerializeToString,
+            ),
+            'BindTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.BindTask,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -432,6 +512,141 @@ class NodeService:
             '/memfed.mip.v1.NodeService/Generate',
             memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateRequest.SerializeToString,
             memfed_dot_mip_dot_v1_dot_node__service__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/Load',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/Evict',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Merge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/Merge',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.MergeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/Rollback',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BindTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/BindTask',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,241 @@
+"""``NodeServer``: the grpc.aio server of one node, with health checking and server reflection.
+
+    node = Node.open(model_dir, store_dir)
+    server = NodeServer(node, port=7711, insecure=True)
+    await server.start()              # binds, serves NodeService + grpc.health.v1 + reflection
+    await server.wait_for_termination()
+
+``BackgroundServer`` runs one on its own event loop in a thread (tests, the demo, notebooks).
+
+A plaintext port must be asked for (``insecure=True``; the CLI's ``--insecure``) and is logged as a
+warning; otherwise TLS credentials are required (``tls_credentials``: server certificate and key, plus a
+CA to require client certificates, i.e. mutual TLS).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from memfed.client import CHANNEL_OPTIONS, CHUNK_SIZE, SERVICE_NAME
+from memfed.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from memfed.mip.v1 import node_service_pb2_grpc
+from memfed.node.service.batcher import GenerateBatcher
+from memfed.node.service.node import Node
+from memfed.node.service.servicer import DEFAULT_MAX_CUBE_BYTES, Authorizer, ManifestVerifier, NodeServicer
+
+log = logging.getLogger("memfed.node.service")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def tls_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
+    """Server TLS credentials from PEM files; with ``client_ca`` clients must present a certificate it
+    signed (mutual TLS)."""
+    try:
+        chain = (Path(key).read_bytes(), Path(cert).read_bytes())
+        ca = Path(client_ca).read_bytes() if client_ca else None
+    except FileNotFoundError as exc:
+        raise NotFoundError(
+            f"TLS file {exc.filename} does not exist", hint="check --tls-cert/--tls-key/--tls-ca"
+        ) from None
+    return grpc.ssl_server_credentials([chain], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class NodeServer:
+    """Serves one ``Node`` over gRPC. ``start``/``stop`` on a running event loop."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        insecure: bool = False,
+        credentials: grpc.ServerCredentials | None = None,
+        max_batch_rows: int = 64,
+        batch_wait_ms: float = 5.0,
+        max_queue_rows: int = 4096,
+        chunk_size: int = CHUNK_SIZE,
+        max_cube_bytes: int = DEFAULT_MAX_CUBE_BYTES,
+        manifest_verifier: ManifestVerifier | None = None,
+        authorizer: Authorizer | None = None,
+    ) -> None:
+        if credentials is None and not insecure:
+            raise InvalidArgumentError(
+                "the node has no TLS credentials and a plaintext port was not asked for",
+                hint="pass --tls-cert and --tls-key (and --tls-ca for mutual TLS), or --insecure for a "
+                "plaintext port on a trusted network",
+            )
+        if max_batch_rows < 1 or batch_wait_ms < 0:
+            raise InvalidArgumentError("max_batch_rows must be >= 1 and batch_wait_ms >= 0")
+        self.node = node
+        self.host = host
+        self.requested_port = port
+        self.credentials = credentials
+        self.port: int | None = None
+        self._options = dict(
+            max_batch_rows=max_batch_rows,
+            batch_wait_ms=batch_wait_ms,
+            max_queue_rows=max_queue_rows,
+            chunk_size=chunk_size,
+            max_cube_bytes=max_cube_bytes,
+            manifest_verifier=manifest_verifier,
+            authorizer=authorizer,
+        )
+        self._server: grpc.aio.Server | None = None
+        self._health: Any = None
+        self.batcher: GenerateBatcher | None = None
+        self.servicer: NodeServicer | None = None
+        self._model_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise UnavailableError("the node server is not started")
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and serve; return the port (the one the OS picked when ``port`` was 0)."""
+        o = self._options
+        self._model_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-model")
+        self.batcher = GenerateBatcher(
+            self.node.generator,
+            self._model_executor,
+            max_rows=o["max_batch_rows"],
+            max_wait_s=o["batch_wait_ms"] / 1e3,
+            max_queue_rows=o["max_queue_rows"],
+        )
+        self.servicer = NodeServicer(
+            self.node,
+            self.batcher,
+            self._model_executor,
+            chunk_size=o["chunk_size"],
+            max_cube_bytes=o["max_cube_bytes"],
+            manifest_verifier=o["manifest_verifier"],
+            authorizer=o["authorizer"],
+        )
+        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        node_service_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        bind = f"{self.address_host()}:{self.requested_port}"
+        try:
+            if self.credentials is None:
+                port = server.add_insecure_port(bind)
+                where = "loopback only" if self.host in LOOPBACK_HOSTS else "reachable from the network"
+                log.warning("node %s serves PLAINTEXT gRPC on %s (%s): no TLS, no client authentication",
+                            self.node.node_id, bind, where)  # fmt: skip
+            else:
+                port = server.add_secure_port(bind, self.credentials)
+        except RuntimeError as exc:
+            self._model_executor.shutdown(wait=False)
+            self._model_executor = None
+            raise UnavailableError(
+                f"cannot listen on {bind}: {exc}", hint="is the port taken? pick another with --port"
+            ) from exc
+        self.port = port
+        self.batcher.start()
+        await server.start()
+        self._server = server
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node %s serving %s on %s", self.node.node_id, SERVICE_NAME, self.address)
+        return port
+
+    def address_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+
+    async def stop(self, grace: float | None = 2.0) -> None:
+        """Report NOT_SERVING, refuse queued generation, let running calls finish for ``grace`` seconds."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+        if self._model_executor is not None:
+            self._model_executor.shutdown(wait=True, cancel_futures=True)
+            self._model_executor = None
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+class BackgroundServer:
+    """A ``NodeServer`` on its own event loop in a daemon thread.
+
+    with BackgroundServer(NodeServer(node, insecure=True)) as bg:
+        client = NodeClient(bg.address)
+    """
+
+    def __init__(self, server: NodeServer) -> None:
+        self.server = server
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="memfed-node-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    def start(self, timeout: float = 60.0) -> str:
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise UnavailableError(f"the node server did not start within {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return self.address
+
+    def run(self, fn: Any) -> Any:
+        """Run coroutine function ``fn()`` on the server's loop and return its result (for tests)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self._stop.wait()
+            await self.server.stop(grace=1.0)
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> BackgroundServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
