@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.table import Table
 
 from memfed.cli.options import json_option, model_option, resolve_store, store_option
-from memfed.cli.output import console, emit_json, progress_bar
+from memfed.cli.output import console, emit_json, print_cubes, progress_bar
 
 
 @click.group()
@@ -104,38 +103,10 @@ def export_peft_cmd(ref: str, out_dir: Path, store_dir: Path | None, force: bool
 @json_option
 def list_cmd(store_dir: Path | None, as_json: bool) -> None:
     """List the cube versions in the store (newest version of each name last)."""
-    from memfed.cube.manifest import kind_name, lifecycle_name
 
     with _open_store(store_dir) as store:
         manifests = store.list()
-    rows = [
-        {
-            "cube_id": m.cube_id,
-            "version": m.version,
-            "kind": kind_name(m.kind),
-            "lifecycle": lifecycle_name(m.lifecycle),
-            "size_bytes": m.payload.size_bytes,
-            "digest": m.digest,
-        }
-        for m in manifests
-    ]
-    if as_json:
-        emit_json({"cubes": rows})
-        return
-    if not rows:
-        console.print("the store holds no cubes")
-        return
-    table = Table("cube", "version", "kind", "lifecycle", "size", "digest")
-    for r in rows:
-        table.add_row(
-            r["cube_id"],
-            r["version"],
-            r["kind"],
-            r["lifecycle"],
-            f"{r['size_bytes'] / 1e6:.2f} MB",
-            r["digest"][:19] + "…",
-        )
-    console.print(table)
+    print_cubes(manifests, as_json=as_json, where="the store")
 
 
 @cube.command("show")

@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from memfed.cli.node_cmd import node_options, open_client
 from memfed.cli.options import json_option, resolve_store, store_option
-from memfed.cli.output import console, emit_json
+from memfed.cli.output import console, emit_json, print_cubes
 
 REF_HELP = "REF is NAME (its current version) or NAME@VERSION."
 
@@ -48,32 +47,10 @@ def _ref_dict(ref: str) -> dict[str, str]:
 @json_option
 def list_cmd(prefix: str, states: tuple[str, ...], node_conn: dict[str, Any], as_json: bool) -> None:
     """List the cube versions a node holds, with their lifecycle state (expired ones only with --state)."""
-    from memfed.cube.manifest import kind_name, lifecycle_name
 
     with open_client(node_conn) as client:
         manifests = client.list_cubes(prefix, states)
-    rows = [
-        {
-            "cube_id": m.cube_id,
-            "version": m.version,
-            "kind": kind_name(m.kind),
-            "lifecycle": lifecycle_name(m.lifecycle),
-            "size_bytes": m.payload.size_bytes,
-            "digest": m.digest,
-        }
-        for m in manifests
-    ]
-    if as_json:
-        emit_json({"cubes": rows})
-        return
-    if not rows:
-        console.print("the node holds no cubes")
-        return
-    table = Table("cube", "version", "kind", "lifecycle", "size", "digest")
-    for r in rows:
-        size = f"{r['size_bytes'] / 1e6:.2f} MB"
-        table.add_row(r["cube_id"], r["version"], r["kind"], r["lifecycle"], size, r["digest"][:19] + "…")
-    console.print(table)
+    print_cubes(manifests, as_json=as_json, where="the node")
 
 
 @module.command("show")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -43,3 +43,35 @@ def progress_bar(description: str, *, quiet: bool = False) -> Iterator[Any]:
             progress.update(task, completed=done, total=total)
 
         yield update
+
+
+def print_cubes(manifests: Iterable[Any], *, as_json: bool, where: str) -> None:
+    """The cube listing of `memfed cube list` and `memfed module list`: a table, or {"cubes": [...]}.
+
+    ``where`` names the holder in the empty message ("the store", "the node")."""
+    from rich.table import Table
+
+    from memfed.cube.manifest import kind_name, lifecycle_name
+
+    rows = [
+        {
+            "cube_id": m.cube_id,
+            "version": m.version,
+            "kind": kind_name(m.kind),
+            "lifecycle": lifecycle_name(m.lifecycle),
+            "size_bytes": m.payload.size_bytes,
+            "digest": m.digest,
+        }
+        for m in manifests
+    ]
+    if as_json:
+        emit_json({"cubes": rows})
+        return
+    if not rows:
+        console.print(f"{where} holds no cubes")
+        return
+    table = Table("cube", "version", "kind", "lifecycle", "size", "digest")
+    for r in rows:
+        size = f"{r['size_bytes'] / 1e6:.2f} MB"
+        table.add_row(r["cube_id"], r["version"], r["kind"], r["lifecycle"], size, r["digest"][:19] + "…")
+    console.print(table)
