@@ -49,6 +49,9 @@ class ModuleStats:
     last_used: float = 0.0
     pinned: bool = False
     tier: str = "disk"  # "disk" | "host" | "device"
+    # Copied from the manifest at load, so activating a resident module reads plain attributes only.
+    expires_at: float = 0.0  # TTL deadline (epoch seconds); 0 = none
+    activated: bool = False  # its store lifecycle is past GENERATED
 
 
 @dataclass(frozen=True)
@@ -160,9 +163,11 @@ class MemScheduler:
         """Make a module resident on the device (from the host cache or the store), evicting as needed."""
         with self._lock:
             resident = self.runtime.resident.get(name)
-            if resident is not None and not self.expired(resident.manifest):  # hot path: no store query
-                self._used(name, pin)
-                return resident
+            if resident is not None:  # hot path: plain attributes only, no store query
+                stats = self._stats(name)
+                if not stats.expires_at or self.clock() < stats.expires_at:
+                    self._used(name, pin)
+                    return resident
             cube_id, version = parse_ref(name)
             if version is None:  # "id" means its newest version: ask the index which that is
                 m = self.resolve(name)
@@ -196,6 +201,8 @@ class MemScheduler:
             stats = self._used(ref, pin)
             stats.loads += 1
             stats.tier = "device"
+            stats.expires_at = float(m.created_at.seconds + m.ttl_seconds) if m.ttl_seconds else 0.0
+            stats.activated = m.lifecycle != _STATE_GENERATED
             return module
 
     def _used(self, ref: str, pin: bool) -> ModuleStats:
@@ -299,7 +306,7 @@ class MemScheduler:
     def activate(self, *names: str, pin: bool = False) -> tuple[str, ...]:
         """Load (if needed) and activate modules for every following forward pass; marks them ACTIVATED."""
         with self._lock:
-            refs = tuple(ref_string(self.load(n, pin=pin).manifest) for n in names)
+            refs = tuple(self.load(n, pin=pin).ref for n in names)
             self.runtime.activate(*refs)
             for ref in refs:
                 self.touch(ref)
@@ -314,11 +321,15 @@ class MemScheduler:
         s = self._stats(ref)
         s.uses += 1
         s.last_used = self.clock()
+        if s.activated:
+            return
         module = self.runtime.resident.get(ref)
-        if module is not None and module.manifest.lifecycle == _STATE_GENERATED:
+        if module is not None:
             m = module.manifest
-            self.lifecycle.transition(m.cube_id, m.version, "activated", reason="first use by the scheduler")
-            m.lifecycle = _STATE_ACTIVATED
+            if m.lifecycle == _STATE_GENERATED:
+                self.lifecycle.transition(m.cube_id, m.version, "activated", reason="first use on this node")
+                m.lifecycle = _STATE_ACTIVATED
+            s.activated = True
 
     def bind_task(self, task: str, module: str) -> None:
         """Declare ``module`` the capability module for ``task`` (e.g. contract_review → legal_expert)."""
