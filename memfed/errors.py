@@ -121,3 +121,11 @@ class CallCancelledError(UnavailableError):
     """The call was cancelled before it finished."""
 
     grpc_status = "CANCELLED"
+
+
+class QualityGateError(MemfedError):
+    """Produced work failed its quality check and was not registered (e.g. an internalized module whose
+    recall on held-out questions is below the threshold). Nothing was stored; the message says why."""
+
+    exit_code = 15
+    grpc_status = "FAILED_PRECONDITION"

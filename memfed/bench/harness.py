@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "store": "memfed.bench.store:run",
     "seal": "memfed.bench.seal:run",
     "swap": "memfed.bench.swap:run",
+    "internalize": "memfed.bench.internalize:run",
 }
 
 

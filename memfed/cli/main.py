@@ -14,6 +14,7 @@ from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
 from memfed.cli.generate_cmd import generate
 from memfed.cli.identity_cmd import identity
+from memfed.cli.memory_cmd import memory
 from memfed.cli.model_cmd import model
 from memfed.cli.module_cmd import module
 from memfed.cli.node_cmd import node
@@ -30,6 +31,7 @@ Exit codes:
   4  not found            10  storage failure (disk full, I/O)
   5  already exists       11  permission denied   12  unauthenticated
  13  memory budget or queue too small    14  node unreachable, or its deadline passed
+ 15  quality gate failed (e.g. an internalized module's recall too low): nothing registered
 """
 
 
@@ -61,6 +63,7 @@ cli.add_command(identity)
 cli.add_command(node)
 cli.add_command(module)
 cli.add_command(generate)
+cli.add_command(memory)
 cube.add_command(export_cmd)
 cube.add_command(import_cmd)
 cube.add_command(detect_watermark_cmd)
