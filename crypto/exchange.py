@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from memfed.crypto import ledger
 from memfed.crypto.identity import Identity, PublicIdentity
@@ -49,6 +49,7 @@ class ExportResult:
     source_digest: str
     watermarked: bool
     mark_id: str
+    host_aware: bool = False  # the mark was shaped on the base model (see memfed.crypto.watermark)
 
 
 def export_cube(
@@ -60,23 +61,29 @@ def export_cube(
     out: Path,
     *,
     watermark: bool = True,
+    host: Callable[[cube_pb2.BaseModelFingerprint], Any | None] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> ExportResult:
     """Seal ``cube_id@version`` from ``store`` into ``out`` for ``recipients``.
 
     LoRA cubes are watermarked unless ``watermark=False``; other kinds are sealed as stored (streamed
-    from the store's payload file, never loaded whole).
+    from the store's payload file, never loaded whole). ``host``, called only for a LoRA cube being
+    watermarked, is given the cube's base-model fingerprint and returns that model (checked) or None:
+    with the model the mark is host-aware (it leaves the adapted model's outputs practically unchanged),
+    without it model-free (see memfed.crypto.watermark).
     """
     if not recipients:
         raise InvalidArgumentError("export needs at least one recipient", hint="pass --to PUBFILE")
     source = store.get_manifest(cube_id, version)
     mark_id = mark_id_for(recipients)
     marked = watermark and source.kind == cube_pb2.CUBE_KIND_LORA
+    stats = None
     if marked:
         from memfed.crypto.watermark import SCHEME, mark_payload
 
         cube = store.get(source.cube_id, source.version)  # LoRA payloads are small: in memory
-        payload = mark_payload(cube.payload, identity.watermark_secret(), mark_id)
+        stats = _host_stats(source, cube.payload, host)
+        payload = mark_payload(cube.payload, identity.watermark_secret(), mark_id, stats=stats)
         m = manifest_for_export(source)
         m.digest = payload_digest(payload)
         m.payload.size_bytes = len(payload)
@@ -108,7 +115,23 @@ def export_cube(
             raise StorageError(f"cannot read the payload of {ref_string(source)}: {exc.strerror}") from exc
         with f:
             result = seal_file(out, m, f, identity, recipients, chunk_size=chunk_size)
-    return ExportResult(Path(out), result, source.digest, marked, mark_id)
+    return ExportResult(
+        Path(out), result, source.digest, marked, mark_id, host_aware=marked and stats is not None
+    )
+
+
+def _host_stats(source: CubeManifest, payload: bytes, host: Callable[..., Any] | None) -> Any:
+    """The watermark's host statistics from the cube's base model, or None (model-free mark)."""
+    model = host(source.base_model) if host is not None else None
+    if model is None:
+        return None
+    from memfed.crypto.watermark import host_stats
+    from memfed.cube.fingerprint import check_base_model
+    from memfed.cube.payload import decode_tensors
+
+    check_base_model(source.base_model, model, what=f"cube {ref_string(source)}")
+    scaling = {t.module: float(t.scaling) for t in source.payload.lora.targets}
+    return host_stats(model, decode_tensors(payload), scaling=scaling)
 
 
 def exported_manifest(result: ExportResult) -> CubeManifest:

@@ -36,6 +36,7 @@ def _store(store_dir: Path | None):  # -> CubeStore (imported lazily: CLI start-
 )  # fmt: skip
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--no-watermark", is_flag=True, help="Do not watermark a LoRA cube (it cannot be traced).")
+@model_option
 @identity_dir_option
 @passphrase_env_option
 @store_option
@@ -45,12 +46,18 @@ def export_cmd(
     to: tuple[Path, ...],
     output: Path,
     no_watermark: bool,
+    model_dir: Path | None,
     identity_dir: Path | None,
     passphrase_env: str | None,
     store_dir: Path | None,
     as_json: bool,
 ) -> None:
-    """Seal cube REF for the recipients (--to) into a signed, encrypted, watermarked .mcube file."""
+    """Seal cube REF for the recipients (--to) into a signed, encrypted, watermarked .mcube file.
+
+    A LoRA cube's watermark is shaped on its base model (--model, or the embedded model when that is the
+    cube's base) so that it leaves the model's outputs practically unchanged; without the base model it is
+    model-free (it costs more).
+    """
     from memfed.crypto.exchange import export_cube
     from memfed.crypto.identity import load_identity, load_public_identity
     from memfed.cube.manifest import parse_ref
@@ -58,8 +65,24 @@ def export_cmd(
     cube_id, version = parse_ref(ref)
     ident = load_identity(resolve_identity_dir(identity_dir), passphrase=read_passphrase(passphrase_env))
     recipients = [load_public_identity(p) for p in to]
+
+    def host(expected):  # the cube's base model, or None (model-free mark); only called for a LoRA mark
+        from memfed.cube.fingerprint import fingerprint_model, mismatch_reasons
+        from memfed.node.models import load_host_model, resolve_model_dir
+
+        path = resolve_model_dir(model_dir)
+        with progress_bar("loading base model", quiet=as_json):
+            model, _ = load_host_model(path)
+        if model_dir is None and mismatch_reasons(
+            expected, fingerprint_model(model, seed=expected.sample_seed)
+        ):
+            return None  # the embedded model is not this cube's base (an explicit --model is checked)
+        return model
+
     with _store(store_dir) as store:
-        res = export_cube(store, cube_id, version, ident, recipients, output, watermark=not no_watermark)
+        res = export_cube(
+            store, cube_id, version, ident, recipients, output, watermark=not no_watermark, host=host
+        )
     m = res.seal.manifest
     out = {
         "file": str(output),
@@ -69,12 +92,13 @@ def export_cmd(
         "bytes": res.seal.bytes_written,
         "recipients": [r.fingerprint for r in recipients],
         "watermarked": res.watermarked,
+        "mark": ("host-aware" if res.host_aware else "model-free") if res.watermarked else None,
         "signed_by": ident.key_id,
     }
     if as_json:
         emit_json(out)
     else:
-        mark = "watermarked, " if res.watermarked else ""
+        mark = f"watermarked ({out['mark']}), " if res.watermarked else ""
         console.print(
             f"sealed [bold]{out['ref']}[/] ({mark}{res.seal.bytes_written / 1e6:.2f} MB) for "
             f"{', '.join(out['recipients'])} → {output}"
