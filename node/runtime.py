@@ -207,6 +207,16 @@ def _apply(plan: _Plan, x: torch.Tensor, out: torch.Tensor, name: str) -> torch.
     return out
 
 
+def is_lowrank_edit(m: CubeManifest) -> bool:
+    """A ROME/MEMIT fact edit: kind ``edit``, declared low-rank by ``memfed.node.editing``, in LoRA form
+    (ΔW = B·A on MLP down-projections). It runs exactly like a LoRA module."""
+    return (
+        kind_name(m.kind) == "edit"
+        and m.annotations.get("memfed.edit.form") == "low-rank"
+        and m.payload.WhichOneof("spec") == "lora"
+    )
+
+
 def _linear_shape(layer: torch.nn.Module) -> tuple[int, int] | None:
     """(in, out) of a linear-like layer (nn.Linear or GPT-2's Conv1D), None for anything else."""
     if isinstance(layer, torch.nn.Linear):
@@ -301,15 +311,16 @@ class ModuleRuntime:
         m = cube.manifest
         ref = ref_string(m)
         kind = kind_name(m.kind)
-        if kind not in ("lora", "adapter"):
+        if kind not in ("lora", "adapter") and not is_lowrank_edit(m):
             raise UnsupportedError(
-                f"cube {ref} is a {kind} cube; the module runtime runs lora and adapter cubes",
-                hint="edit cubes are applied by `memfed edit`, plaintext cubes are read as text",
+                f"cube {ref} is a {kind} cube; the module runtime runs lora, adapter and low-rank edit cubes",
+                hint="codebook edit cubes run as a hook (memfed edit, memfed.node.editing.attach), plaintext "
+                "cubes are read as text",
             )
         self.check_compatible(m)
         if tensors is None:
             tensors, checked = self.decode(cube), True
-        if kind == "lora":
+        if kind != "adapter":
             return self._lora_parts(m, tensors, checked)
         return self._adapter_parts(m, tensors, checked)
 

@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "seal": "memfed.bench.seal:run",
     "swap": "memfed.bench.swap:run",
     "internalize": "memfed.bench.internalize:run",
+    "edit": "memfed.bench.edit:run",
 }
 
 

@@ -12,6 +12,7 @@ import memfed
 from memfed.cli.bench_cmd import bench
 from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
+from memfed.cli.edit_cmd import edit
 from memfed.cli.generate_cmd import generate
 from memfed.cli.identity_cmd import identity
 from memfed.cli.memory_cmd import memory
@@ -64,6 +65,7 @@ cli.add_command(node)
 cli.add_command(module)
 cli.add_command(generate)
 cli.add_command(memory)
+cli.add_command(edit)
 cube.add_command(export_cmd)
 cube.add_command(import_cmd)
 cube.add_command(detect_watermark_cmd)
