@@ -74,6 +74,7 @@ def run(*, quick: bool = False) -> BenchResult:
 
     big = _internalize_long(model, tok, 256 if quick else 1024)
     metrics.update(big)
+    metrics.update(_steering_fidelity(model, tok, quick))
     return BenchResult(
         metrics=metrics,
         baseline={
@@ -82,6 +83,9 @@ def run(*, quick: bool = False) -> BenchResult:
             "none": "the bare embedded model, closed book",
             "module": "rank-8 LoRA on every linear layer, trained with PEFT on template augmentation",
             "threads": torch.get_num_threads(),
+            "steering": "CAA vector at layer 0, strength 8, from the train split of the shipped context-"
+            "faithfulness pairs; distilled into a rank-8 all-linear LoRA (PEFT) on KL to the steered "
+            "model; scored on the held-out pairs and neutral questions",
         },
         ratios={
             "accuracy_module_vs_rag": _ratio(metrics["accuracy_module"], metrics["accuracy_rag"]),
@@ -93,6 +97,29 @@ def run(*, quick: bool = False) -> BenchResult:
             },
         },
     )
+
+
+def _steering_fidelity(model: Any, tok: Any, quick: bool) -> dict[str, float]:
+    """Activation → parameter: a steering vector, the LoRA distilled from it, and how close they are."""
+    from memfed.node.conversion import steering as st
+    from memfed.node.conversion.train import LoraTrainConfig
+
+    train, heldout = st.context_pairs("train"), st.context_pairs("heldout")
+    vector, _ = st.extract(model, tok, train, layer=0, strength=8.0)
+    config = LoraTrainConfig(rank=8, alpha=16.0, lr=5e-3, steps=40 if quick else 150, batch_size=32)
+    neutral = st.neutral_prompts(128)
+    trained = st.distill(model, tok, vector, train, config=config, extra_texts=neutral[:64])
+    cube = st.distilled_cube(model, trained, "bench.steer@1.0.0", cube_id="bench.steer.module")
+    r = st.evaluate_distilled(model, tok, vector, cube, heldout, extra_texts=neutral[64:], trained=trained)
+    return {
+        "steering_fidelity": round(r.fidelity, 4),
+        "steering_kl_distilled": r.kl_distilled,
+        "steering_kl_unsteered": r.kl_unsteered,
+        "steering_behaviour_bare": r.behaviour_before["rate"],
+        "steering_behaviour_steered": r.behaviour_steered["rate"],
+        "steering_behaviour_module": r.behaviour_distilled["rate"],
+        "steering_distill_seconds": r.seconds,
+    }
 
 
 def _paragraphs(text: str) -> list[str]:

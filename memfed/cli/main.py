@@ -21,6 +21,7 @@ from memfed.cli.module_cmd import module
 from memfed.cli.node_cmd import node
 from memfed.cli.output import emit_json, err_console
 from memfed.cli.seal_cmd import detect_watermark_cmd, export_cmd, import_cmd
+from memfed.cli.steer_cmd import steer
 from memfed.errors import MemfedError
 
 EXIT_CODES_HELP = """\b
@@ -65,6 +66,7 @@ cli.add_command(node)
 cli.add_command(module)
 cli.add_command(generate)
 cli.add_command(memory)
+cli.add_command(steer)
 cli.add_command(edit)
 cube.add_command(export_cmd)
 cube.add_command(import_cmd)

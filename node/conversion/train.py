@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,6 @@ def train_lora(
     the new facts does not overwrite old ones; without them a few dozen steps erased most of what the
     embedded model knew.
     """
-    from peft import LoraConfig, get_peft_model
-
     config = config or LoraTrainConfig()
     config.check()
     if not items:
@@ -144,36 +143,15 @@ def train_lora(
     encoded = encode_items(tokenizer, items)
     replayed = encode_items(tokenizer, replay)
     generator = torch.Generator().manual_seed(config.seed)
-    was_training = model.training
     t0 = time.perf_counter()
-    # GPT-2's fused Conv1D layers store weights transposed; PEFT needs to be told (or warns and guesses).
-    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
-    lora_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.alpha,
-        target_modules=config.target_modules
-        if isinstance(config.target_modules, str)
-        else list(config.target_modules),
-        lora_dropout=0.0,
-        fan_in_fan_out=conv1d,
-    )
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # The LoRA init draws from the global RNG: seed it, leave the caller's stream alone. PEFT calls
-        # a transformers property deprecated in v5; the warning is theirs, not the caller's business.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        torch.manual_seed(config.seed)
-        peft_model = get_peft_model(model, lora_config)
-    try:
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        peft_model.train()
+    with peft_lora(model, config) as peft_model:
+        opt = torch.optim.AdamW(trainable(peft_model), lr=config.lr, weight_decay=0.0)
         loss_value = float("nan")
         order: list[int] = []
         replay_order: list[int] = []
         steps = config.steps_for(len(encoded))
         for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+            set_warmup_lr(opt, config, step)
             if len(order) < config.batch_size:
                 order += torch.randperm(len(encoded), generator=generator).tolist()
             chunk, order = order[: config.batch_size], order[config.batch_size :]
@@ -190,14 +168,58 @@ def train_lora(
             loss_value = float(loss.detach())
             if progress is not None:
                 progress(step + 1, steps)
-        factors, alpha = _factors(peft_model)
-    finally:
-        peft_model.unload()  # PEFT's layers out, the original ones back in: the bare model again
-        model.train(was_training)
+        factors, alpha = lora_factors(peft_model)
     return TrainedLora(factors, alpha, time.perf_counter() - t0, loss_value, steps)
 
 
-def _factors(peft_model: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+def trainable(peft_model: Any) -> list[torch.nn.Parameter]:
+    """The LoRA parameters PEFT left trainable (the base weights are frozen)."""
+    return [p for p in peft_model.parameters() if p.requires_grad]
+
+
+def set_warmup_lr(opt: torch.optim.Optimizer, config: LoraTrainConfig, step: int) -> None:
+    """Linear warm-up to ``config.lr`` over ``config.warmup_steps``, then constant."""
+    for group in opt.param_groups:
+        group["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+@contextmanager
+def peft_lora(model: torch.nn.Module, config: LoraTrainConfig) -> Iterator[Any]:
+    """``model`` wrapped by PEFT with a fresh LoRA of ``config`` (trainable, in train mode) for the block.
+
+    Every trainer of LoRA modules goes through here (documents, steering distillation), so they share
+    PEFT's layers and initialisation. The LoRA init draws from the global RNG: it is seeded with
+    ``config.seed`` and the caller's stream is left alone. On leaving, PEFT's layers are taken out and the
+    original ones put back, whatever happened: the bare model again, in its former mode.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    was_training = model.training
+    # GPT-2's fused Conv1D layers store weights transposed; PEFT needs to be told (or warns and guesses).
+    conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        target_modules=config.target_modules
+        if isinstance(config.target_modules, str)
+        else list(config.target_modules),
+        lora_dropout=0.0,
+        fan_in_fan_out=conv1d,
+    )
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT calls a transformers property deprecated in v5; the warning is theirs, not the caller's.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(config.seed)
+        peft_model = get_peft_model(model, lora_config)
+    try:
+        peft_model.train()
+        yield peft_model
+    finally:
+        peft_model.unload()
+        model.train(was_training)
+
+
+def lora_factors(peft_model: Any) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     alpha: dict[str, float] = {}
     for name, module in peft_model.named_modules():
