@@ -10,6 +10,9 @@ about entities the model was never taught):
   too (the module was trained on it; RAG reads it better than the held-out one).
 * round trip: the module externalized (origin probes) recovers what fraction of the 47 facts.
 * seconds to internalize: the 8 documents (one cube), and one synthetic ~1,024-token document.
+* ``internalize --fast`` on that same synthetic document: a parameter translator trained here on other
+  synthetic documents writes the module in one forward pass; its held-out recall and milliseconds
+  (``fast_recall_heldout``, ``fast_internalize_ms``) next to the trained LoRA's recall and seconds.
 * end-to-end answer latency, module vs RAG, over documents of ~256, 1,024 and 4,096 tokens (RAG: chunked
   into paragraphs in a vault, top 3 pasted in, cut to 600 characters because the model reads 256
   positions; module: the question alone). A module's latency does not depend on what it learned, only on
@@ -217,4 +220,41 @@ def _internalize_long(model: Any, tok: Any, n_tokens: int) -> dict[str, float]:
         f"internalize_seconds_{key}": report.seconds["total"],
         f"internalize_facts_{key}": report.facts,
         f"recall_heldout_{key}": report.recall_heldout,
+        **_fast_internalize(model, tok, doc, report.recall_heldout, report.seconds["total"], n_tokens < 1024),
+    }
+
+
+def _fast_internalize(
+    model: Any, tok: Any, doc: Any, trained_recall: float, trained_seconds: float, quick: bool
+) -> dict[str, float]:
+    """``internalize --fast`` on the same held-out document: a translator trained here on synthetic
+    documents (seeds from 1,000,000: never this one), its module's recall and milliseconds."""
+    from dataclasses import replace
+
+    from memfed.node.conversion.internalize import DEFAULT_MIN_RECALL, InternalizeSettings
+    from memfed.node.conversion.translator import TranslatorConfig
+    from memfed.node.conversion.translator_fast import fast_internalize
+    from memfed.node.conversion.translator_train import train_translator
+
+    config = TranslatorConfig()
+    if quick:
+        config = replace(config, steps=60, train_documents=24)
+    t0 = time.perf_counter()
+    translator = train_translator(model, tok, config)
+    train_seconds = time.perf_counter() - t0
+    report, _ = fast_internalize(
+        model, tok, [doc], translator, cube_id="bench.fast", settings=InternalizeSettings(min_recall=0.0)
+    )
+    fast = report.fast
+    return {
+        "fast_recall_heldout": fast.recall_heldout,
+        "fast_internalize_ms": fast.generate_ms,
+        "fast_validate_seconds": fast.validate_seconds,
+        "fast_passes_default_gate": float(fast.recall_heldout >= DEFAULT_MIN_RECALL),
+        "fast_trained_recall_heldout": trained_recall,
+        "fast_trained_internalize_seconds": trained_seconds,
+        "fast_speedup": round(trained_seconds / max(fast.generate_ms / 1e3, 1e-6), 1),
+        "translator_train_seconds": round(train_seconds, 2),
+        "translator_train_steps": config.steps,
+        "translator_train_documents": config.train_documents,
     }

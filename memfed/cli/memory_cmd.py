@@ -112,6 +112,8 @@ def memory() -> None:
 
     \b
       internalize DOC...   documents -> a LoRA cube, registered only if it answers held-out questions
+                           (--fast: written by a parameter translator, trained only if that fails)
+      translator train     train the parameter translator --fast uses (an editor cube for this model)
       proposals            plaintext read often and stable: candidates to internalize (--apply does it)
       externalize CUBE     what a module changes -> text in the vault, marked pending_review
       migrate CUBE --to M  a module to a model of another architecture, through text
@@ -124,6 +126,15 @@ def memory() -> None:
 @click.argument("docs", nargs=-1, required=True)
 @click.option("--cube-id", default=None, help="Cube name. Default: plain.<doc id> (one document only).")
 @click.option("--version", "version", default=None, help="Semantic version. Default: the next free one.")
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="Write the module with the newest parameter translator (ms); train if it fails the gate.",
+)
+@click.option("--translator", "translator_ref", default=None, help="With --fast: this translator cube (REF).")
+@click.option(
+    "--no-fallback", is_flag=True, help="With --fast: fail instead of training when below the gate."
+)
 @_train_options
 @model_option
 @store_option
@@ -133,6 +144,9 @@ def internalize_cmd(
     docs: tuple[str, ...],
     cube_id: str | None,
     version: str | None,
+    fast: bool,
+    translator_ref: str | None,
+    no_fallback: bool,
     min_recall: float,
     steps: int | None,
     rank: int,
@@ -148,6 +162,8 @@ def internalize_cmd(
     a PEFT LoRA is trained on it, and recall is checked on held-out phrasings before anything is stored.
     Below --min-recall the cube is not registered and the command exits with code 15. On success the
     source texts are archived in the vault and linked (id, version, digest) in the cube's origin.
+    --fast writes the module with a parameter translator (memfed memory translator train) in one forward
+    pass, checks it with the same gate, and trains as above when it falls short (unless --no-fallback).
     """
     from memfed.errors import InvalidArgumentError, QualityGateError
     from memfed.node.conversion.documents import Document, parse_document, read_document
@@ -169,6 +185,11 @@ def internalize_cmd(
             cube_id = cube_id_for(documents[0].doc_id)
         version = version or next_version(store, cube_id)
         model, tokenizer, name = _load_model(model_dir, as_json)
+        if fast:
+            return _internalize_fast(
+                model, tokenizer, name, documents, store, vault, settings, cube_id, version,
+                translator_ref, not no_fallback, as_json,
+            )  # fmt: skip
         with progress_bar("internalizing: training the LoRA", quiet=as_json) as update:
             try:
                 report, _ = internalize(
@@ -191,6 +212,104 @@ def internalize_cmd(
     else:
         _print_internalized(data)
     return 0
+
+
+def _internalize_fast(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    documents: list[Any],
+    store: Any,
+    vault: Any,
+    settings: Any,
+    cube_id: str,
+    version: str,
+    translator_ref: str | None,
+    fallback: bool,
+    as_json: bool,
+) -> int:
+    """``internalize --fast``: the translator's module if it passes the gate, else (fallback) training."""
+    from memfed.cube.manifest import parse_ref
+    from memfed.errors import QualityGateError
+    from memfed.node.conversion.translator_cube import newest_translator, read_translator
+    from memfed.node.conversion.translator_fast import fast_internalize
+
+    cube = store.get(*parse_ref(translator_ref)) if translator_ref else newest_translator(store, model)
+    translator = read_translator(cube, model)
+    with progress_bar("internalizing: translator, then the gate", quiet=as_json) as update:
+        try:
+            report, _ = fast_internalize(
+                model, tokenizer, documents, translator, cube_id=cube_id, version=version, store=store,
+                vault=vault, settings=settings, fallback=fallback, model_name=name,
+                progress=lambda stage, done, total: update(done, total) if stage == "train" else None,
+            )  # fmt: skip
+        except QualityGateError as exc:
+            return _gate_failed(exc, as_json)
+    data = report.to_dict()
+    if as_json:
+        emit_json(data)
+        return 0
+    f = data["fast"]
+    console.print(
+        f"translator {f['translator']}: module in {f['generate_ms']:.0f} ms, held-out recall "
+        f"{f['recall_heldout']:.2f} (gate {settings.min_recall:.2f})"
+        + ("" if data["path"] == "fast" else f"; {data['fast_reason']}")
+    )
+    _print_internalized(data)
+    return 0
+
+
+@memory.group("translator")
+def translator_group() -> None:
+    """Parameter translators: networks that write a document's facts into a LoRA in one forward pass."""
+
+
+@translator_group.command("train")
+@click.option("--cube-id", default="translator", show_default=True, help="Name of the translator cube.")
+@click.option("--version", "version", default=None, help="Semantic version. Default: the next free one.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default 400).")
+@click.option("--documents", "n_docs", type=click.IntRange(min=1), default=None, help="Synthetic documents.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@model_option
+@store_option
+@json_option
+def translator_train_cmd(
+    cube_id: str,
+    version: str | None,
+    steps: int | None,
+    n_docs: int | None,
+    seed: int,
+    model_dir: Path | None,
+    store_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Train a parameter translator for the model (--model) on synthetic documents and store it as an
+    editor cube bound to that model; internalize --fast uses the newest one."""
+    from dataclasses import replace
+
+    from memfed.node.conversion.translator import TranslatorConfig
+    from memfed.node.conversion.translator_cube import translator_cube
+    from memfed.node.conversion.translator_train import train_translator
+    from memfed.node.conversion.triggers import next_version
+    from memfed.node.store import CubeStore
+
+    config = TranslatorConfig(seed=seed)
+    if steps is not None:
+        config = replace(config, steps=steps)
+    if n_docs is not None:
+        config = replace(config, train_documents=n_docs)
+    with CubeStore(resolve_store(store_dir)) as store:
+        version = version or next_version(store, cube_id)
+        model, tokenizer, _ = _load_model(model_dir, as_json)
+        with progress_bar("training the translator", quiet=as_json) as update:
+            translator = train_translator(model, tokenizer, config, progress=update)
+        cube = translator_cube(translator, cube_id=cube_id, version=version)
+        store.put(cube.manifest, cube.payload)
+    data = {"ref": cube.ref, "config": config.to_json_dict(), **translator.info}
+    if as_json:
+        emit_json(data)
+    else:
+        console.print(f"stored translator [bold]{cube.ref}[/]: {translator.info}")
 
 
 @memory.command("proposals")

@@ -66,9 +66,9 @@ def lora_cube(
         targets=targets,
     )
     description = cube_pb2.PayloadDescription(lora=spec)
-    return _cube(model, tensors, "lora", description, cube_id=cube_id, version=version, origin=origin,
-                 lifecycle=lifecycle, version_chain=version_chain, owner=owner, tags=tags, priority=priority,
-                 ttl_seconds=ttl_seconds)  # fmt: skip
+    return tensor_cube(model, tensors, "lora", description, cube_id=cube_id, version=version,
+                       origin=origin, lifecycle=lifecycle, version_chain=version_chain, owner=owner,
+                       tags=tags, priority=priority, ttl_seconds=ttl_seconds)  # fmt: skip
 
 
 def adapter_cube(
@@ -106,29 +106,38 @@ def adapter_cube(
         activation=activation,
     )
     description = cube_pb2.PayloadDescription(adapter=spec)
-    return _cube(model, tensors, "adapter", description, cube_id=cube_id, version=version, origin=origin,
-                 lifecycle=lifecycle, version_chain=(), owner=owner, tags=tags, priority=priority,
-                 ttl_seconds=ttl_seconds)  # fmt: skip
+    return tensor_cube(model, tensors, "adapter", description, cube_id=cube_id, version=version,
+                       origin=origin, lifecycle=lifecycle, version_chain=(), owner=owner, tags=tags,
+                       priority=priority, ttl_seconds=ttl_seconds)  # fmt: skip
 
 
-def _cube(
+def tensor_cube(
     model: torch.nn.Module | cube_pb2.BaseModelFingerprint,
     tensors: dict[str, torch.Tensor],
     kind: str,
-    description: cube_pb2.PayloadDescription,
+    description: cube_pb2.PayloadDescription | None = None,
     *,
     cube_id: str,
-    version: str,
-    origin: cube_pb2.Origin | None,
-    lifecycle: str,
-    version_chain: Iterable[str],
-    owner: str,
-    tags: Iterable[str],
-    priority: str | int,
-    ttl_seconds: int,
+    version: str = "1.0.0",
+    origin: cube_pb2.Origin | None = None,
+    lifecycle: str = "generated",
+    version_chain: Iterable[str] = (),
+    owner: str = "",
+    tags: Iterable[str] = (),
+    priority: str | int = "normal",
+    ttl_seconds: int = 0,
+    metadata: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> MemCube:
-    payload = encode_tensors(tensors)
+    """A cube of any kind from named tensors: the one place a payload is encoded and its manifest made.
+
+    ``description`` carries the kind's spec (LoRA, adapter) when it has one; the tensor list and dtype are
+    filled in here. ``metadata`` goes into the safetensors header (so the digest covers it: settings the
+    payload cannot be read without), ``annotations`` into the manifest (what a reader checks first).
+    """
+    payload = encode_tensors(tensors, metadata=metadata)
     infos = describe_tensors(payload)
+    description = description or cube_pb2.PayloadDescription()
     description.tensors.extend(infos)
     description.dtype = dominant_dtype(infos)
     fp = model if isinstance(model, cube_pb2.BaseModelFingerprint) else fingerprint_model(model)
@@ -147,5 +156,6 @@ def _cube(
         priority=priority,
         ttl_seconds=ttl_seconds,
         lifecycle=lifecycle,
+        annotations=annotations,
     )
     return MemCube(manifest=manifest, payload=payload)

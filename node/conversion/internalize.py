@@ -198,7 +198,7 @@ def internalize(
             method=METHOD,
             description=f"internalized from {len(documents)} document(s): "
             + ", ".join(d.title for d in documents)[:400],
-            sources=[*(source_ref(d, _vault_version(vault, d)) for d in documents), *extra_sources],
+            sources=[*(source_ref(d, vault_version(vault, d)) for d in documents), *extra_sources],
             params={
                 **settings.train.as_params(),
                 "steps": str(trained.steps),
@@ -270,12 +270,12 @@ def internalize(
         store.put(cube.manifest, cube.payload)
         report.registered = True
         if vault is not None:
-            _archive_sources(vault, documents)
+            archive_sources(vault, documents)
     report.seconds = _rounded(seconds, t0)
     return report, cube
 
 
-def _vault_version(vault: PlaintextMemory | None, doc: Document) -> int | None:
+def vault_version(vault: PlaintextMemory | None, doc: Document) -> int | None:
     """The document's version in the vault, added first when absent or different (it is the source)."""
     if vault is None:
         return None
@@ -288,7 +288,7 @@ def _vault_version(vault: PlaintextMemory | None, doc: Document) -> int | None:
     return current.version
 
 
-def _archive_sources(vault: PlaintextMemory, documents: Sequence[Document]) -> None:
+def archive_sources(vault: PlaintextMemory, documents: Sequence[Document]) -> None:
     """Archive the source texts: inference uses the module now; the text stays for review and audit."""
     for doc in documents:
         vault.set_status(doc.doc_id, "archived")

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memfed.cube.build import lora_cube, tensor_cube
 from memfed.cube.core import MemCube
-from memfed.cube.digest import payload_digest
-from memfed.cube.manifest import kind_name, new_manifest, ref_string
-from memfed.cube.payload import describe_tensors, dominant_dtype, encode_tensors, tensor_views
+from memfed.cube.manifest import kind_name, ref_string
+from memfed.cube.payload import tensor_views
 from memfed.errors import InvalidArgumentError, NotFoundError, UnsupportedError
 from memfed.mip.v1 import cube_pb2
 from memfed.node.conversion.train import (
@@ -338,32 +338,16 @@ def steering_cube(
 ) -> MemCube:
     """A ``steering`` cube: the vector as tensor ``steering.vector``; block, layer and strength in the
     manifest's annotations (what applies it) and in the safetensors header (covered by the digest)."""
-    from memfed.cube.fingerprint import fingerprint_model
-
     meta = {BLOCK_KEY: steering.block, LAYER_KEY: str(steering.layer), STRENGTH_KEY: repr(steering.strength)}
-    payload = encode_tensors({VECTOR_NAME: steering.vector.detach().float().contiguous()}, metadata=meta)
-    infos = describe_tensors(payload)
     origin = cube_pb2.Origin(
         method=EXTRACT_METHOD,
         description=description or f"CAA steering vector at layer {steering.layer}",
         sources=list(sources),
         params={k: str(v) for k, v in (params or {}).items()},
     )
-    fp = model if isinstance(model, cube_pb2.BaseModelFingerprint) else fingerprint_model(model)
-    manifest = new_manifest(
-        cube_id=cube_id,
-        version=version,
-        kind="steering",
-        digest=payload_digest(payload),
-        size_bytes=len(payload),
-        base_model=fp,
-        payload=cube_pb2.PayloadDescription(tensors=infos, dtype=dominant_dtype(infos)),
-        origin=origin,
-        owner=owner,
-        tags=tags,
-        annotations=meta,
-    )
-    return MemCube(manifest=manifest, payload=payload)
+    vector = {VECTOR_NAME: steering.vector.detach().float().contiguous()}
+    return tensor_cube(model, vector, "steering", cube_id=cube_id, version=version, origin=origin,
+                       owner=owner, tags=tags, metadata=meta, annotations=meta)  # fmt: skip
 
 
 def read_steering(cube: MemCube) -> SteeringVector:
@@ -555,8 +539,6 @@ def distilled_cube(
 ) -> MemCube:
     """The distilled LoRA as a module cube tagged ``behavior_module``, its origin naming the steering
     cube it reproduces."""
-    from memfed.cube.build import lora_cube
-
     origin = cube_pb2.Origin(
         method=DISTILL_METHOD,
         description=f"LoRA distilled from steering cube {steering_ref}",

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from memfed.cube.build import lora_cube
+from memfed.cube.build import lora_cube, tensor_cube
 from memfed.cube.core import MemCube
-from memfed.cube.digest import payload_digest
-from memfed.cube.manifest import CubeManifest, kind_name, new_manifest, ref_string, validate_manifest
-from memfed.cube.payload import describe_tensors, dominant_dtype, encode_tensors, read_header, tensor_views
+from memfed.cube.manifest import CubeManifest, kind_name, ref_string, validate_manifest
+from memfed.cube.payload import read_header, tensor_views
 from memfed.errors import InvalidArgumentError, UnsupportedError
 from memfed.mip.v1 import cube_pb2
 from memfed.node.editing.codebook import Codebook, CodebookHook
@@ -119,11 +118,6 @@ def codebook_cube(
     params: dict[str, Any] | None = None,
 ) -> MemCube:
     """An ``edit`` cube holding a codebook (see the module docstring)."""
-    from memfed.cube.fingerprint import fingerprint_model
-
-    payload = encode_tensors(codebook.tensors(), metadata=codebook.metadata())
-    infos = describe_tensors(payload)
-    description = cube_pb2.PayloadDescription(tensors=infos, dtype=dominant_dtype(infos))
     requests = [
         EditRequest(r["prompt"], r["subject"], r["target"], r.get("old_target"), r.get("case_id"))
         for r in codebook.records
@@ -137,29 +131,16 @@ def codebook_cube(
         **(params or {}),
     )
     origin.params["facts"] = str(len(requests))
-    fp = model if isinstance(model, cube_pb2.BaseModelFingerprint) else fingerprint_model(model)
-    manifest = new_manifest(
-        cube_id=cube_id,
-        version=version,
-        kind="edit",
-        digest=payload_digest(payload),
-        size_bytes=len(payload),
-        base_model=fp,
-        payload=description,
-        origin=origin,
-        owner=owner,
-        version_chain=version_chain,
-        tags=tags,
-        lifecycle=lifecycle,
-        annotations={
-            FORM_KEY: "codebook",
-            METHOD_KEY: "grace",
-            LAYERS_KEY: str(codebook.layer),
-            "memfed.edit.module": codebook.module,
-            "memfed.edit.entries": str(codebook.size),
-        },
-    )
-    return MemCube(manifest=manifest, payload=payload)
+    annotations = {
+        FORM_KEY: "codebook",
+        METHOD_KEY: "grace",
+        LAYERS_KEY: str(codebook.layer),
+        "memfed.edit.module": codebook.module,
+        "memfed.edit.entries": str(codebook.size),
+    }
+    return tensor_cube(model, codebook.tensors(), "edit", cube_id=cube_id, version=version, origin=origin,
+                       lifecycle=lifecycle, version_chain=version_chain, owner=owner, tags=tags,
+                       metadata=codebook.metadata(), annotations=annotations)  # fmt: skip
 
 
 def edit_form(manifest: CubeManifest) -> str:
