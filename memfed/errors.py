@@ -97,6 +97,13 @@ class AuthenticationError(MemfedError):
     grpc_status = "UNAUTHENTICATED"
 
 
+class RollbackError(IntegrityError):
+    """Catalog integrity (TUF's attacks): a version older than one already published (rollback), or a
+    signed catalog answer that expired (freeze) or is older than one seen before. Nothing was changed."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
 class CapacityError(MemfedError):
     """A memory budget or queue is too small for the request (e.g. a module larger than the whole budget)."""
 

@@ -22,6 +22,8 @@ BENCHES: dict[str, str] = {
     "swap": "memfed.bench.swap:run",
     "internalize": "memfed.bench.internalize:run",
     "edit": "memfed.bench.edit:run",
+    "fed": "memfed.bench.fed:run",
+    "sync": "memfed.bench.sync:run",
 }
 
 

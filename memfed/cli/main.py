@@ -9,10 +9,12 @@ import warnings
 import click
 
 import memfed
+from memfed.cli.audit_cmd import audit
 from memfed.cli.bench_cmd import bench
 from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
 from memfed.cli.edit_cmd import edit
+from memfed.cli.fed_cmd import fed
 from memfed.cli.generate_cmd import generate
 from memfed.cli.identity_cmd import identity
 from memfed.cli.memory_cmd import memory
@@ -20,8 +22,11 @@ from memfed.cli.model_cmd import model
 from memfed.cli.module_cmd import module
 from memfed.cli.node_cmd import node
 from memfed.cli.output import emit_json, err_console
+from memfed.cli.pki_cmd import pki
+from memfed.cli.registry_cmd import registry
 from memfed.cli.seal_cmd import detect_watermark_cmd, export_cmd, import_cmd
 from memfed.cli.steer_cmd import steer
+from memfed.cli.sync_cmd import sync_cmd
 from memfed.errors import MemfedError
 
 EXIT_CODES_HELP = """\b
@@ -68,6 +73,11 @@ cli.add_command(generate)
 cli.add_command(memory)
 cli.add_command(steer)
 cli.add_command(edit)
+cli.add_command(fed)
+cli.add_command(pki)
+cli.add_command(registry)
+cli.add_command(audit)
+cli.add_command(sync_cmd)
 cube.add_command(export_cmd)
 cube.add_command(import_cmd)
 cube.add_command(detect_watermark_cmd)

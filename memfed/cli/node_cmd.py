@@ -197,6 +197,47 @@ def node() -> None:
     "--max-cube-mb", type=float, default=8192, show_default=True, help="Largest cube a push may send."
 )
 @click.option(
+    "--tls",
+    "tls_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Certificate folder from `memfed pki issue NAME`: mutual TLS (instead of --tls-cert/...).",
+)
+@click.option(
+    "--registry",
+    "registry_addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="The registry: register at start, seal for peers, sync (needs --tls and --identity).",
+)
+@click.option(
+    "--registry-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The registry's public identity file: enforce capability tokens on every cube call.",
+)
+@click.option(
+    "--identity",
+    "identity_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="This node's identity folder (signing + HPKE keys) for sealed sync.",
+)
+@click.option(
+    "--sync",
+    "sync_cubes",
+    multiple=True,
+    metavar="CUBE_ID",
+    help="Keep this cube at its newest catalog version (background loop; repeatable).",
+)
+@click.option("--sync-interval", type=float, default=5.0, show_default=True, help="Seconds between syncs.")
+@click.option(
+    "--operator",
+    "operators",
+    multiple=True,
+    help="Certificate name allowed to run this node without tokens (besides its own).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -221,6 +262,13 @@ def serve_cmd(
     max_batch_rows: int,
     batch_wait_ms: float,
     max_cube_mb: float,
+    tls_dir: Path | None,
+    registry_addr: str | None,
+    registry_key: Path | None,
+    identity_dir: Path | None,
+    sync_cubes: tuple[str, ...],
+    sync_interval: float,
+    operators: tuple[str, ...],
     log_level: str,
     as_json: bool,
 ) -> None:
@@ -241,6 +289,15 @@ def serve_cmd(
         raise InvalidArgumentError("--tls-cert and --tls-key go together", hint="give both, or neither")
     if tls_ca and not tls_cert:
         raise InvalidArgumentError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if tls_dir is not None:
+        tls_cert, tls_key, tls_ca = tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "ca.pem"
+        if not node_id:
+            from memfed.registry.tls import TlsFiles
+
+            node_id = TlsFiles.from_dir(tls_dir).name  # the certificate names the node
+    from memfed.cli.node_network import NodeNetwork, check_options
+
+    check_options(tls_dir, registry_addr, registry_key, identity_dir, sync_cubes)
     if tls_cert and insecure:
         raise InvalidArgumentError("--insecure and --tls-cert contradict each other", hint="pick one")
     if not tls_cert and not insecure:
@@ -264,6 +321,10 @@ def serve_cmd(
             host_budget_bytes=int(host_budget_mb * MiB),
             kv_cache_bytes=int(kv_cache_mb * MiB),
         )
+    net = NodeNetwork.configure(
+        the_node, store_path, tls_dir=tls_dir, registry_addr=registry_addr, registry_key=registry_key,
+        identity_dir=identity_dir, sync_cubes=sync_cubes, sync_interval=sync_interval, operators=operators,
+    )  # fmt: skip
     server = NodeServer(
         the_node,
         host=host,
@@ -273,6 +334,8 @@ def serve_cmd(
         max_batch_rows=max_batch_rows,
         batch_wait_ms=batch_wait_ms,
         max_cube_bytes=int(max_cube_mb * MiB),
+        authorizer=net.authorizer,
+        sealer=net.sealer,
     )
 
     async def run() -> None:
@@ -281,6 +344,7 @@ def serve_cmd(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await server.start()
+        await net.start(server.address, stop)
         info = {
             "address": server.address,
             "port": server.port,

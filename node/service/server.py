@@ -67,6 +67,7 @@ class NodeServer:
         max_cube_bytes: int = DEFAULT_MAX_CUBE_BYTES,
         manifest_verifier: ManifestVerifier | None = None,
         authorizer: Authorizer | None = None,
+        sealer: Any | None = None,
     ) -> None:
         if credentials is None and not insecure:
             raise InvalidArgumentError(
@@ -89,6 +90,7 @@ class NodeServer:
             max_cube_bytes=max_cube_bytes,
             manifest_verifier=manifest_verifier,
             authorizer=authorizer,
+            sealer=sealer,
         )
         self._server: grpc.aio.Server | None = None
         self._health: Any = None
@@ -122,6 +124,7 @@ class NodeServer:
             max_cube_bytes=o["max_cube_bytes"],
             manifest_verifier=o["manifest_verifier"],
             authorizer=o["authorizer"],
+            sealer=o["sealer"],
         )
         server = grpc.aio.server(options=CHANNEL_OPTIONS)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, server)

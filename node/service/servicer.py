@@ -145,8 +145,10 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         max_cube_bytes: int = DEFAULT_MAX_CUBE_BYTES,
         manifest_verifier: ManifestVerifier | None = None,
         authorizer: Authorizer | None = None,
+        sealer: Any | None = None,
     ) -> None:
         self.node = node
+        self.sealer = sealer  # memfed.node.service.sealed.SealedSource: FetchCube with recipient_id
         self.store = node.store
         self.scheduler = node.scheduler
         self.runtime = node.runtime
@@ -253,11 +255,17 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     ) -> AsyncIterator[pb.CubeStreamMessage]:
         self._authorize("export", _name(request.ref), request.capability, context)
         if request.recipient_id:
-            raise UnsupportedError(
-                f"this node does not seal cubes in MIP streams yet (recipient_id {request.recipient_id!r})",
-                hint="fetch the plain cube over a trusted channel (leave recipient_id empty), or seal it "
-                "with `memfed cube export` and send the .mcube file",
-            )
+            if self.sealer is None:
+                raise UnsupportedError(
+                    "this node does not seal cubes in MIP streams (started without --identity and "
+                    f"--registry), recipient_id {request.recipient_id!r}",
+                    hint="start it with --identity and --registry, or seal it with `memfed cube export` and "
+                    "send the .mcube file",
+                )
+            sealed_m = await asyncio.to_thread(self._resolve, request.ref)
+            async for msg in self.sealer.fetch(sealed_m, request, context):
+                yield msg
+            return
         chunk_size = serde.chunk_size_of(request.chunk_size, self.chunk_size)
         m = await asyncio.to_thread(self._resolve, request.ref)
         cube = await asyncio.to_thread(self.store.get, m.cube_id, m.version)  # verified read

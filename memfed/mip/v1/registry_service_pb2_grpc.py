@@ -80,6 +80,21 @@ class RegistryServiceStub:
                 request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditQuery.SerializeToString,
                 response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditEntry.FromString,
                 _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/memfed.mip.v1.RegistryService/ListRevocations',
+                request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationQuery.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationList.FromString,
+                _registered_method=True)
+        self.GetNode = channel.unary_unary(
+                '/memfed.mip.v1.RegistryService/GetNode',
+                request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.GetNodeRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.FromString,
+                _registered_method=True)
+        self.ReportDecision = channel.unary_unary(
+                '/memfed.mip.v1.RegistryService/ReportDecision',
+                request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.DecisionReport.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.GrantResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -139,6 +154,26 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetNode(self, request, context):
+        """A registered node's public identity (to seal a cube for it, or to check what it signed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportDecision(self, request, context):
+        """A node reports a refusal it decided offline, so the audit log holds every decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +221,21 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.ReadAudit,
                     request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditQuery.FromString,
                     response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditEntry.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationQuery.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationList.SerializeToString,
+            ),
+            'GetNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetNode,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.GetNodeRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.SerializeToString,
+            ),
+            'ReportDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportDecision,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.DecisionReport.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.GrantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,6 +481,87 @@ class RegistryService:
             '/memfed.mip.v1.RegistryService/ReadAudit',
             memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditQuery.SerializeToString,
             memfed_dot_mip_dot_v1_dot_registry__service__pb2.AuditEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.RegistryService/ListRevocations',
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationQuery.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.RevocationList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.RegistryService/GetNode',
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.GetNodeRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.RegistryService/ReportDecision',
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.DecisionReport.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.GrantResponse.FromString,
             options,
             channel_credentials,
             insecure,

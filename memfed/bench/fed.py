@@ -1,0 +1,370 @@
+"""``memfed bench fed``: exact LoRA aggregation vs FedIT, our round vs Flower's FedAvg, accuracy, 50 nodes.
+
+- ``metrics.agg_error_exact`` / ``agg_error_fedit``: ‖ΔW_agg − Σ w_i ΔW_i‖ / ‖Σ w_i ΔW_i‖ for stacking and
+  for FedIT (A and B averaged separately) on the same updates: real PEFT updates of ``nodes`` nodes, each
+  trained on its own slice of the shipped documents on the tiny model, from one shared init (FedIT at its
+  best). ``agg_error_svd`` is the SVD method's reported truncation error at the training rank.
+- ``ratios.round_overhead_vs_flower_fedavg``: a whole round on Flower's simulation engine, median over
+  rounds 2..R (round 1 loads the model in every worker, and ours also runs the admission handshake then):
+  our ServerApp strategy (admission check, signed replies, validation, exact stacking, a cube published
+  to the store) against Flower's own ``FedAvg`` strategy, with the same ClientApp training (the same
+  ``train_update`` call, settings and data), the same update arrays on the wire, the same engine, nodes
+  and Grid. Round = from ``configure_train`` to the end of ``aggregate_train``.
+- ``metrics.server_step_s`` vs ``baseline.server_step_fedavg_s``: only the server's step on 8 replies
+  (validate + aggregate + build the next cube) against Flower's ``aggregate_arrayrecords`` (FedAvg's
+  weighted mean) on the same ArrayRecords; medians. The baseline does less (no checks, no cube).
+- ``metrics.update_bytes`` vs ``adapter_bytes``: what one node sends per round vs the adapter's size.
+- ``metrics.acc_*``: recall of the union of all nodes' facts (the trained question and statement
+  phrasings, greedy decoding) on the embedded default model after R rounds: exact (stack) vs FedIT vs
+  each node alone (a federation of one; mean and best of the nodes); the nodes hold disjoint documents.
+- ``metrics.sim_*``: one round of a ``sim_nodes``-node federation on Flower's simulation engine (Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from memfed.bench.harness import BenchResult, median_seconds
+
+ACC_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run(*, quick: bool = False) -> BenchResult:
+    from flwr.app import MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from memfed.fed.aggregate import aggregate, aggregation_error, cube_factors
+    from memfed.fed.authority import LocalAuthority
+    from memfed.fed.client_app import load_setup, train_round
+    from memfed.fed.simulate import prepare, simulate
+    from memfed.fed.strategy import SharedCubeStrategy, TrainSettings
+    from memfed.fed.wire import NUM_EXAMPLES, UPDATE_KEY, record_to_factors
+    from memfed.node.tiny_models import save_tiny_model_dir
+
+    nodes, sim_nodes = (4, 10) if quick else (8, 50)
+    train = TrainSettings(rank=4, steps=5, batch_size=8)
+    with tempfile.TemporaryDirectory(prefix="memfed-bench-fed-") as tmp:
+        root = Path(tmp)
+        model = str(save_tiny_model_dir("llama", root / "model"))
+        settings = prepare(root / "fed", nodes, model=model)
+        authority = LocalAuthority(settings.store, settings.grants)
+        strategy = SharedCubeStrategy(authority, authority, settings.cube_id, train=train)
+        contents = strategy.open_round(1, list(range(1, nodes + 1)))
+        replies = []
+        for i in range(nodes):
+            node = root / "fed" / "nodes" / str(i)
+            setup = load_setup(str(node / "identity"), str(node / "data"), model, "")
+            strategy.principals[i + 1] = setup.principal
+            replies.append((i + 1, train_round(setup, contents[i + 1])))
+        current = strategy.current
+        updates = [record_to_factors(c.array_records[UPDATE_KEY]) for _, c in replies]
+        counts = [int(c.metric_records["metrics"][NUM_EXAMPLES]) for _, c in replies]
+        before = cube_factors(current)
+        errors = {}
+        for method in ("stack", "fedit", "svd"):
+            agg = aggregate(current, updates, counts, method=method, rank=train.rank)
+            errors[method] = aggregation_error(before, agg.factors, updates, agg.weights)
+
+        unpublished = _NoPublish(authority)
+
+        def ours() -> None:
+            s = SharedCubeStrategy(authority, unpublished, settings.cube_id, train=train)
+            s.principals, s.tickets, s.current = strategy.principals, strategy.tickets, current
+            s.collect(1, replies)
+
+        flower_inputs = [
+            RecordDict({"arrays": c.array_records[UPDATE_KEY], "m": MetricRecord({"num-examples": n})})
+            for (_, c), n in zip(replies, counts, strict=True)
+        ]
+        repeats = 5 if quick else 15
+        ours_s = median_seconds(ours, repeats=repeats)
+        fedavg_s = median_seconds(
+            lambda: aggregate_arrayrecords(flower_inputs, "num-examples"), repeats=repeats
+        )
+        update_bytes = sum(len(a.data) for a in replies[0][1].array_records[UPDATE_KEY].values())
+        adapter_bytes = sum(int(a.numel()) * 4 + int(b.numel()) * 4 for a, b in updates[0].values())
+
+        round_nodes, round_count = (3, 4) if quick else (4, 7)
+        rounds = whole_rounds(root / "rounds", model, round_nodes, round_count, train)
+
+        acc = accuracy(root / "acc", rounds=2 if quick else 3, steps=30 if quick else 60, quick=quick)
+
+        sim_settings = prepare(root / "sim", sim_nodes, model=model)
+        sim_settings = replace(sim_settings, rounds=1, rank=2, steps=2, batch_size=8)
+        sim = simulate(root / "sim", sim_settings, sim_nodes, model=model)
+    sim_round = sim["rounds"][0]["seconds"] if sim["rounds"] else float("nan")
+    ours_round, fedavg_round = rounds["ours_round_s"], rounds["fedavg_round_s"]
+    return BenchResult(
+        metrics={
+            "agg_error_exact": errors["stack"],
+            "agg_error_fedit": errors["fedit"],
+            "agg_error_svd": errors["svd"],
+            "round_s": ours_round,
+            "round_first_s": rounds["ours_first_round_s"],
+            "server_step_s": ours_s,
+            "update_bytes": float(update_bytes),
+            "adapter_bytes": float(adapter_bytes),
+            **acc,
+            "sim_nodes": float(sim_nodes),
+            "sim_total_s": sim["seconds"],
+            "sim_server_aggregate_s": sim_round,
+            "sim_contributors": float(len(sim["rounds"][0]["contributors"]) if sim["rounds"] else 0),
+        },
+        baseline={
+            "name": "Flower FedAvg strategy (flwr 1.42 Message API), simulation engine",
+            "round": (
+                f"FedAvg(fraction_train=1, fraction_evaluate=0) on {round_nodes} virtual nodes, "
+                f"{round_count} rounds, median of rounds 2..{round_count}; the same ClientApp training "
+                f"(train_update, rank {train.rank}, {train.steps} steps, batch {train.batch_size}) "
+                "returning the same rank-r factor arrays, the same Grid (0.1 s polls), 1 CPU a worker"
+            ),
+            "round_s": fedavg_round,
+            "round_first_s": rounds["fedavg_first_round_s"],
+            "server_step": f"aggregate_arrayrecords on the same {nodes} ArrayRecords, by num-examples",
+            "server_step_fedavg_s": fedavg_s,
+            "fedit": "A and B averaged separately, shared init (same seed on every node)",
+            "accuracy": "each node alone: the same training on its own documents only, R rounds",
+            "nodes": nodes,
+            "cpus": os.cpu_count(),
+        },
+        ratios={
+            "round_overhead_vs_flower_fedavg": ours_round / fedavg_round
+            if fedavg_round > 0
+            else float("nan"),
+            "server_step_vs_flower_fedavg": ours_s / fedavg_s if fedavg_s > 0 else float("nan"),
+            "update_bytes_vs_adapter_bytes": update_bytes / adapter_bytes,
+            "acc_exact_vs_fedit": _ratio(acc["acc_exact"], acc["acc_fedit"]),
+            "acc_exact_vs_node_alone_mean": _ratio(acc["acc_exact"], acc["acc_alone_mean"]),
+        },
+    )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+class _NoPublish:
+    """Publishing is the store's cost, measured by ``memfed bench store``; here only the round's math."""
+
+    def __init__(self, authority: Any) -> None:
+        self._a = authority
+
+    def current(self, cube_id: str) -> Any:
+        return self._a.current(cube_id)
+
+    def publish(self, cube: Any) -> None:
+        return None
+
+
+# -- whole rounds: ours vs Flower's FedAvg on the simulation engine -----------------------------------
+
+
+def _timed(strategy: Any, marks: dict[int, list[float]]) -> Any:
+    """Record, per round, when ``configure_train`` starts and ``aggregate_train`` ends (same for both)."""
+    configure, aggregate_ = strategy.configure_train, strategy.aggregate_train
+
+    def configure_train(server_round: int, *args: Any, **kwargs: Any) -> Any:
+        marks[server_round] = [time.perf_counter()]
+        return configure(server_round, *args, **kwargs)
+
+    def aggregate_train(server_round: int, replies: Any) -> Any:
+        out = aggregate_(server_round, replies)
+        marks[server_round].append(time.perf_counter())
+        return out
+
+    strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
+    return strategy
+
+
+def _fedavg_client_app(nodes_root: str, model: str) -> Any:
+    """FedAvg's ClientApp: the same local training as ours (``train_update`` on top of the received
+    factors, the round's settings), replying with the factors under the received keys, unsigned."""
+    from flwr.app import Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from memfed.fed.client_app import load_setup, lora_config, node_paths
+    from memfed.fed.local import train_update
+    from memfed.fed.wire import factors_to_record, record_to_factors
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        setup = load_setup(*node_paths(context, nodes_root, model))
+        shared = record_to_factors(msg.content.array_records["arrays"])
+        cfg = msg.content.config_records["config"]
+        update = train_update(
+            setup.model, setup.tokenizer, setup.items, shared, lora_config(cfg, sorted(shared)),
+            fan_in_fan_out=setup.fan_in_fan_out,
+        )  # fmt: skip
+        content = RecordDict(
+            {
+                "arrays": factors_to_record(update.factors),
+                "metrics": MetricRecord({"num-examples": update.num_examples}),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    return app
+
+
+def whole_rounds(root: Path, model: str, nodes: int, rounds: int, train: Any) -> dict[str, float]:
+    """Median round time of our strategy and of Flower's FedAvg, each on its own simulation run."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.app import ConfigRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    from memfed.fed.aggregate import cube_factors
+    from memfed.fed.client_app import make_client_app
+    from memfed.fed.grid import PollingGrid
+    from memfed.fed.server_app import build_strategy
+    from memfed.fed.simulate import prepare
+    from memfed.fed.wire import factors_to_record
+
+    settings = prepare(root, nodes, model=model)
+    settings = replace(
+        settings, rounds=rounds, rank=train.rank, steps=train.steps, batch_size=train.batch_size, lr=train.lr
+    )
+    nodes_root = str(root / "nodes")
+    out: dict[str, float] = {}
+    for name in ("ours", "fedavg"):
+        marks: dict[int, list[float]] = {}
+        server = ServerApp()
+
+        @server.main()
+        def main(grid: Grid, context: Context, name: str = name, marks: dict = marks) -> None:
+            if name == "ours":
+                strategy = _timed(build_strategy(settings), marks)
+                initial = factors_to_record(cube_factors(strategy.current))
+                config = ConfigRecord()
+            else:
+                strategy = _timed(
+                    FedAvg(
+                        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,
+                        min_available_nodes=nodes,
+                    ),
+                    marks,
+                )  # fmt: skip
+                initial = _zero_update_arrays(settings, train.rank)
+                config = ConfigRecord(
+                    {"rank": train.rank, "steps": train.steps, "lr": train.lr, "batch-size": train.batch_size}
+                )
+            strategy.start(
+                PollingGrid(grid),
+                initial_arrays=initial,
+                num_rounds=rounds,
+                timeout=600.0,
+                train_config=config,
+            )
+
+        client = (
+            make_client_app(nodes_root, model) if name == "ours" else _fedavg_client_app(nodes_root, model)
+        )
+        run_simulation(
+            server_app=server,
+            client_app=client,
+            num_supernodes=nodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+        times = [m[1] - m[0] for _, m in sorted(marks.items()) if len(m) == 2]
+        out[f"{name}_round_s"] = statistics.median(times[1:]) if len(times) > 1 else float("nan")
+        out[f"{name}_first_round_s"] = times[0] if times else float("nan")
+    return out
+
+
+def _zero_update_arrays(settings: Any, rank: int) -> Any:
+    """Zero factors of the update's shapes (rank ``rank`` on the shared cube's modules): FedAvg's model."""
+    import torch
+
+    from memfed.fed.authority import LocalAuthority
+    from memfed.fed.wire import factors_to_record
+
+    cube = LocalAuthority(settings.store, settings.grants).current(settings.cube_id)
+    factors = {}
+    for t in cube.manifest.payload.lora.targets:
+        shapes = {i.name: tuple(i.shape) for i in cube.manifest.payload.tensors}
+        in_dim = shapes[f"{t.module}.lora_A.weight"][1]
+        out_dim = shapes[f"{t.module}.lora_B.weight"][0]
+        factors[t.module] = (torch.zeros(rank, in_dim), torch.zeros(out_dim, rank))
+    return factors_to_record(factors)
+
+
+# -- accuracy on the union of the nodes' facts ---------------------------------------------------------
+
+
+def accuracy(root: Path, *, rounds: int, steps: int, quick: bool) -> dict[str, float]:
+    """Recall of every node's facts after ``rounds`` rounds: exact vs FedIT vs each node alone."""
+    from memfed.crypto.identity import init_identity
+    from memfed.fed.authority import LocalAuthority, write_grants
+    from memfed.fed.client_app import load_setup, train_round
+    from memfed.fed.shared import new_shared_cube
+    from memfed.fed.strategy import SharedCubeStrategy, TrainSettings
+    from memfed.node.conversion.augment import all_facts, trained_probes
+    from memfed.node.conversion.documents import Document
+    from memfed.node.conversion.probing import module_loaded, rate, recall
+    from memfed.node.models import default_model_dir, load_host_model
+
+    model_dir = str(default_model_dir())
+    docs_dir = Path(__file__).resolve().parents[2] / "node" / "data" / "documents"
+    files = sorted(docs_dir.glob("*.md"))
+    node_count = 4
+    groups = [files[i::node_count] for i in range(node_count)]
+    keys, setups = {}, {}
+    for i, group in enumerate(groups):
+        node = root / f"node-{i}"
+        (node / "data").mkdir(parents=True, exist_ok=True)
+        for f in group:
+            (node / "data" / f.name).write_text(f.read_text(encoding="utf-8"), encoding="utf-8")
+        ident = init_identity(node / "identity", name=f"node-{i}")
+        keys[f"node-{i}"] = ident.signing_key.public_key().public_bytes_raw()
+        setups[i + 1] = load_setup(str(node / "identity"), str(node / "data"), model_dir, "")
+    grants = write_grants(root / "grants.json", keys, {"shared_facts": {"use": sorted(keys)}})
+    lm, tok = load_host_model(model_dir, device="cpu")
+    docs = [Document(f.stem, f.stem, f.read_text(encoding="utf-8")) for f in files]
+    probes = trained_probes(all_facts(docs))
+    train = TrainSettings(rank=8, steps=steps, lr=5e-3, batch_size=16)
+
+    def federate(tag: str, method: str, members: list[int]) -> float:
+        authority = LocalAuthority(root / f"store-{tag}", grants)
+        authority.publish(new_shared_cube(lm, "shared_facts", ACC_MODULES))
+        strategy = SharedCubeStrategy(authority, authority, "shared_facts", method=method, train=train)
+        for n in members:
+            strategy.principals[n] = setups[n].principal
+        for r in range(1, rounds + 1):
+            contents = strategy.open_round(r, members)
+            strategy.collect(r, [(n, train_round(setups[n], contents[n])) for n in members])
+        with module_loaded(lm, strategy.current) as (rt, ref):
+            return rate(recall(rt, tok, probes, [ref]))
+
+    members = list(setups)
+    t0 = time.perf_counter()
+    exact = federate("exact", "stack", members)
+    fedit = federate("fedit", "fedit", members)
+    alone = [federate(f"alone-{n}", "stack", [n]) for n in (members[:1] if quick else members)]
+    from memfed.node.runtime import ModuleRuntime
+
+    rt = ModuleRuntime(lm)
+    try:
+        base = rate(recall(rt, tok, probes))
+    finally:
+        rt.close()
+    return {
+        "acc_exact": exact,
+        "acc_fedit": fedit,
+        "acc_alone_mean": statistics.fmean(alone),
+        "acc_alone_best": max(alone),
+        "acc_base_model": base,
+        "acc_probes": float(len(probes)),
+        "acc_nodes": float(node_count),
+        "acc_rounds": float(rounds),
+        "acc_steps_per_round": float(steps),
+        "acc_seconds": time.perf_counter() - t0,
+    }

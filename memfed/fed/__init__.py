@@ -1,0 +1,1 @@
+"""Federated shared modules on Flower: exact LoRA aggregation, admission by the registry, publishing."""
