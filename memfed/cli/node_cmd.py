@@ -238,6 +238,26 @@ def node() -> None:
     help="Certificate name allowed to run this node without tokens (besides its own).",
 )
 @click.option(
+    "--auto-internalize",
+    is_flag=True,
+    help="Internalize hot, stable plaintext (--plaintext) into modules on its own, as `memfed memory "
+    "proposals --apply` would (each gated by its held-out recall).",
+)
+@click.option(
+    "--auto-interval",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds between automatic internalization checks.",
+)
+@click.option(
+    "--auto-min-per-hour",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    show_default=True,
+    help="Reads an hour that make a plaintext memory hot.",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -269,6 +289,9 @@ def serve_cmd(
     sync_cubes: tuple[str, ...],
     sync_interval: float,
     operators: tuple[str, ...],
+    auto_internalize: bool,
+    auto_interval: float,
+    auto_min_per_hour: float,
     log_level: str,
     as_json: bool,
 ) -> None:
@@ -304,6 +327,10 @@ def serve_cmd(
         raise InvalidArgumentError(
             "the node would serve without TLS",
             hint="pass --tls-cert and --tls-key, or --insecure for a plaintext port on a trusted network",
+        )
+    if auto_internalize and plaintext_path is None:
+        raise InvalidArgumentError(
+            "--auto-internalize reads the node's plaintext memory", hint="add --plaintext DB"
         )
     for name, value in (("--device-budget-mb", device_budget_mb), ("--max-batch-rows", max_batch_rows)):
         if value <= 0:
@@ -345,6 +372,13 @@ def serve_cmd(
             loop.add_signal_handler(sig, stop.set)
         await server.start()
         await net.start(server.address, stop)
+        auto_task = None
+        if auto_internalize:
+            from memfed.node.conversion.triggers import AutoInternalizeSettings
+            from memfed.node.service.auto import AutoInternalizeLoop
+
+            settings = AutoInternalizeSettings(enabled=True, min_per_hour=auto_min_per_hour)
+            auto_task = asyncio.create_task(AutoInternalizeLoop(server, settings, auto_interval).run(stop))
         info = {
             "address": server.address,
             "port": server.port,
@@ -363,6 +397,8 @@ def serve_cmd(
             )
         await stop.wait()
         err_console.print("stopping: finishing running calls")
+        if auto_task is not None:
+            await auto_task  # returns at once unless a tick is running: then after it
         await server.stop(grace=5.0)
 
     try:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,6 +34,7 @@ from memfed.node.service.node import Node
 from memfed.node.service.servicer import DEFAULT_MAX_CUBE_BYTES, Authorizer, ManifestVerifier, NodeServicer
 
 log = logging.getLogger("memfed.node.service")
+T = TypeVar("T")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
@@ -161,6 +163,12 @@ class NodeServer:
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving %s on %s", self.node.node_id, SERVICE_NAME, self.address)
         return port
+
+    async def run_on_model(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the model thread, after what is queued there (see memfed.node.service.auto)."""
+        if self._model_executor is None:
+            raise UnavailableError("the node server is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._model_executor, fn)
 
     def address_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
