@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from memfed.background import BackgroundServer
 from memfed.client import ERROR_METADATA_KEY, error_payload
 from memfed.errors import (
     AuthenticationError,
@@ -326,55 +327,8 @@ class RegistryServer:
             await self._server.wait_for_termination()
 
 
-class BackgroundRegistry:
+class BackgroundRegistry(BackgroundServer):
     """A ``RegistryServer`` on its own event loop in a daemon thread (tests, benches, the demo)."""
 
     def __init__(self, server: RegistryServer) -> None:
-        import threading
-
-        self.server = server
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="memfed-registry", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def start(self, timeout: float = 30.0) -> str:
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise UnavailableError(f"the registry did not start within {timeout:g}s")
-        if self._error is not None:
-            raise self._error
-        return self.address
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._started.set()
-                return
-            self._started.set()
-            await self._stop.wait()
-            await self.server.stop(grace=0.5)
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=30)
-
-    def __enter__(self) -> BackgroundRegistry:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(server, name="memfed-registry", stop_grace_s=0.5)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from memfed.background import BackgroundServer as _Background
 from memfed.client import CHANNEL_OPTIONS, CHUNK_SIZE, SERVICE_NAME
 from memfed.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from memfed.mip.v1 import node_service_pb2_grpc
@@ -191,62 +191,12 @@ class NodeServer:
             await self._server.wait_for_termination()
 
 
-class BackgroundServer:
-    """A ``NodeServer`` on its own event loop in a daemon thread.
+class BackgroundServer(_Background):
+    """A ``NodeServer`` on its own event loop in a daemon thread (see memfed.background).
 
     with BackgroundServer(NodeServer(node, insecure=True)) as bg:
         client = NodeClient(bg.address)
     """
 
     def __init__(self, server: NodeServer) -> None:
-        self.server = server
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="memfed-node-server", daemon=True)
-
-    @property
-    def address(self) -> str:
-        return self.server.address
-
-    def start(self, timeout: float = 60.0) -> str:
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise UnavailableError(f"the node server did not start within {timeout:g}s")
-        if self._error is not None:
-            raise self._error
-        return self.address
-
-    def run(self, fn: Any) -> Any:
-        """Run coroutine function ``fn()`` on the server's loop and return its result (for tests)."""
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._started.set()
-                return
-            self._started.set()
-            await self._stop.wait()
-            await self.server.stop(grace=1.0)
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(timeout=30)
-
-    def __enter__(self) -> BackgroundServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().__init__(server, name="memfed-node-server")
