@@ -13,7 +13,8 @@ killed anywhere before the commit leaves the old state: the row does not exist, 
 temp file (removed on the next open, since its writer's lock is gone) or an orphan payload (removed by
 ``gc()``). Killed after the commit, the new state is complete and durable. Every change to objects/
 (rename in, unlink) happens while holding the index's write lock, so ``gc()`` and ``delete()`` never
-race a writer that has renamed its file but not yet committed its row.
+race a writer that has renamed its file but not yet committed its row. ``adopt_file`` is a put whose
+temp file the caller wrote (and hashed) elsewhere: it is fsynced and renamed in the same way.
 
 Cold storage. Each index row says where its payload lives (``cold``): objects/ or cold/, never both
 as far as the row is concerned. ``archive_payload`` and ``restore_payload`` move a payload between the
@@ -360,9 +361,90 @@ class CubeStore:
         temp, local_check = self._write_temp(m, write, bytes.fromhex(digest_hex(m.digest)))
         # 2. Under the write lock: re-check, move the payload in, commit the row.
         try:
-            return self._install(m, temp, self.payload_path(m.digest), local_check)
+            return self._install(m, temp.path, self.payload_path(m.digest), local_check)
         finally:
             temp.discard()  # a no-op unlink once renamed; closes the descriptor (drops its lock)
+
+    def adopt_file(
+        self, manifest: CubeManifest, path: Path | str, sha256: bytes, local_check: bytes
+    ) -> CubeManifest:
+        """Store a cube whose payload the caller has already written to ``path``, without copying it.
+
+        For receivers that must keep the payload in a file of their own while it arrives (a resumable
+        transfer): writing it a second time into tmp/ would double the cost of the transfer's bytes.
+        ``sha256`` and ``local_check`` are the raw SHA-256 and XXH3-128 of the file's bytes, computed by
+        the caller as it wrote them (as ``put_stream`` does for its temp file); the store does not
+        re-read the file, so the caller vouches for them. Nothing is stored unless ``sha256`` is the
+        manifest's digest and the file's size its manifest's (else IntegrityError; the file is left as
+        it was, and so is the store).
+
+        Otherwise this is a put whose temp file is ``path``: the file is made read-only and fsynced,
+        renamed into objects/ and its index row committed exactly as ``put`` does (same crash safety,
+        same rules for a version stored already). ``path`` must be on the store's filesystem for the
+        rename; on another, it is copied into tmp/ first (hashed again while copied, and refused if the
+        copy's hashes differ). On success the file is gone from ``path``.
+        """
+        m = self._checked_manifest(manifest)
+        path = Path(path)
+        with self._indexed(f"storing cube {ref_string(m)}") as idx, idx.read():
+            row = idx.row(m.cube_id, m.version)
+        if row is not None:
+            self._check_same(row, m)
+        if sha256 != bytes.fromhex(digest_hex(m.digest)):
+            raise self._digest_mismatch(m)
+        doing = f"adopting {path} as the payload of cube {ref_string(m)}"
+        temp: files.TempFile | None = None
+        mode: int | None = None  # the file's mode before we made it read-only (restored on failure)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                st = os.fstat(f.fileno())
+                self._check_size(m, st.st_size)
+                mode = st.st_mode & 0o7777
+                os.fchmod(f.fileno(), 0o444)  # a payload is immutable once stored
+                same_fs = st.st_dev == os.stat(self.tmp_dir).st_dev
+                if same_fs:
+                    os.fsync(f.fileno())
+                else:
+                    temp, got = self._copy_to_temp(f)
+                    if got != (m.payload.size_bytes, (sha256, local_check)):
+                        raise IntegrityError(
+                            f"{path} changed while it was adopted as the payload of {ref_string(m)}; "
+                            "nothing was stored",
+                            hint="the file must not be written to once handed to adopt_file",
+                        )
+            stored = self._install(m, path if temp is None else temp.path, self.payload_path(m.digest),
+                                   local_check)  # fmt: skip
+        except BaseException as exc:
+            if mode is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(path, mode)  # not adopted: the caller's file as it was (if still there)
+            if isinstance(exc, OSError):
+                raise _describe_os_error(exc, doing, needed=m.payload.size_bytes) from exc
+            raise
+        finally:
+            if temp is not None:
+                temp.discard()
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # copied, or not needed (an archived version); a no-op once renamed
+        return stored
+
+    def _copy_to_temp(self, f: BinaryIO) -> tuple[files.TempFile, tuple[int, tuple[bytes, bytes]]]:
+        """Copy an open file into a locked temp file, hashing and fsyncing as ``put_stream`` does."""
+        temp = files.TempFile(self.tmp_dir)
+        try:
+            buf = memoryview(bytearray(files.CHUNK))
+            spare = memoryview(bytearray(files.CHUNK))
+
+            def chunks() -> Iterator[memoryview]:
+                nonlocal buf, spare
+                while n := f.readinto(buf):  # type: ignore[attr-defined]
+                    yield buf[:n]
+                    buf, spare = spare, buf
+
+            return temp, files.write_hashed_chunks_synced(temp.fileno(), chunks())
+        except BaseException:
+            temp.discard()
+            raise
 
     def _write_temp(
         self, m: CubeManifest, write: Callable[[int], tuple[int, tuple[bytes, bytes]]], expected: bytes
@@ -395,8 +477,9 @@ class CubeStore:
             hint="the payload was corrupted or tampered with in transit, or belongs to another manifest",
         )
 
-    def _install(self, m: CubeManifest, temp: files.TempFile, obj: Path, local_check: bytes) -> CubeManifest:
-        """Phase 2 of a put, under the index write lock. See the module docstring for the order.
+    def _install(self, m: CubeManifest, src: Path, obj: Path, local_check: bytes) -> CubeManifest:
+        """Phase 2 of a put, under the index write lock: rename the verified, fsynced file ``src`` (a
+        temp file, or an adopted one) to ``obj``. See the module docstring for the order.
 
         The verified temp file always replaces whatever is at the payload's path, even when the store
         holds that payload already (same bytes, for another version, or this one put again): a put
@@ -419,7 +502,7 @@ class CubeStore:
                     idx.rollback()  # archived: its payload belongs in cold/, a hot copy would be an orphan
                     return self._parse(row)
                 files.make_dir_durable(obj.parent)  # normally there already (see _prepare_layout)
-                os.rename(temp.path, obj)
+                os.rename(src, obj)
                 installed_new = not shared  # only a file no row uses may be taken out again
                 files.fsync_dir(obj.parent)
                 if row is not None:

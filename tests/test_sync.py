@@ -194,10 +194,40 @@ def test_resume_after_cut_and_nothing_partial_in_store(world: World) -> None:
     slow = world.syncer("node-b", chunk_size=16 << 10, chunk_delay_s=0.05, timeout_s=0.6)
     with pytest.raises(UnavailableError):
         slow.sync("big_notes")
-    part = world.tmp / "partial-node-b" / "big_notes@1.0.0.mcube.part"
+    part = world.tmp / "partial-node-b" / "big_notes@1.0.0.payload.part"
     assert part.exists() and not b.store.has("big_notes", "1.0.0")
+    kept = part.read_bytes()  # the verified plaintext so far, in whole chunks: written once, adopted later
+    assert 0 < len(kept) < len(payload) and kept == payload[: len(kept)]
+    assert part.with_name("big_notes@1.0.0.header").exists()
     assert [x.cube_id for x in b.store.list()].count("big_notes") == 0
     result = world.syncer("node-b", chunk_size=16 << 10).sync("big_notes")
     total = -(-len(payload) // (16 << 10))
     assert 0 < result.resumed_from_chunk < total and result.chunks == total - result.resumed_from_chunk
     assert b.store.get("big_notes", "1.0.0").payload == payload and not part.exists()
+
+
+def test_damaged_partial_file_fails_the_digest_and_starts_over(world: World) -> None:
+    from memfed.cube.manifest import manifest_from_bytes
+    from memfed.errors import IntegrityError, UnavailableError
+
+    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    payload = os.urandom(200_000)
+    m = world.parties["node-a"].manifest("more_notes", "1.0.0", payload=payload)
+    a.store.put(manifest_from_bytes(m.manifest), payload)
+    with world.client("node-a") as ra:
+        ra.publish(m, "node-a")
+        ra.grant("more_notes", "node:node-b", ["export"])
+    slow = world.syncer("node-b", chunk_size=16 << 10, chunk_delay_s=0.05, timeout_s=0.5)
+    with pytest.raises(UnavailableError):
+        slow.sync("more_notes")
+    part = world.tmp / "partial-node-b" / "more_notes@1.0.0.payload.part"
+    kept = bytearray(part.read_bytes())
+    assert len(kept) >= 16 << 10
+    kept[100] ^= 0xFF  # the kept plaintext is not re-authenticated; the digest over it all catches this
+    part.write_bytes(bytes(kept) + b"half a chunk")  # and a torn tail is trimmed to whole chunks
+    with pytest.raises(IntegrityError, match="not the signed digest"):
+        world.syncer("node-b", chunk_size=16 << 10).sync("more_notes")
+    assert not part.exists() and not part.with_name("more_notes@1.0.0.header").exists()
+    assert not b.store.has("more_notes", "1.0.0")
+    result = world.syncer("node-b", chunk_size=16 << 10).sync("more_notes")
+    assert result.resumed_from_chunk == 0 and b.store.get("more_notes", "1.0.0").payload == payload

@@ -208,7 +208,7 @@ def test_registry_and_three_nodes_over_mtls(network: dict) -> None:
     args = [*MEMFED, "sync", "big_notes", "--registry", net["reg"], "--tls", str(net["pki"] / "node-c"),
             "--registry-key", str(net["key"]), "--identity", str(net["tmp"] / "id-node-c"), "--model",
             str(net["model"]), "--store", str(store), "--chunk-kb", "16", "--json"]  # fmt: skip
-    part = store.parent / f"{store.name}-sync" / "big_notes@1.0.0.mcube.part"
+    part = store.parent / f"{store.name}-sync" / "big_notes@1.0.0.payload.part"
     killed = subprocess.Popen([*args, "--throttle-ms", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait(lambda: part.exists() and part.stat().st_size > 200_000, 90, "the partial transfer")
     killed.send_signal(signal.SIGKILL)

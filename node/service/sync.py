@@ -7,13 +7,25 @@
 Steps: a signed catalog answer from the registry (verified: signature, expiry, sequence) names the
 newest version and its holders; the registry issues a capability token for ``export`` (or refuses, and
 audits it); the holder streams the cube sealed for this node over mutual TLS (the holder's certificate
-must carry the holder's node id). Every chunk is authenticated (AES-GCM) *before* it is appended to a
-partial file outside the store; a transfer cut anywhere — the process killed, the link dropped —
-resumes from the last verified chunk, since the holder re-sends the same sealed stream. While the
-chunks arrive, a second thread runs the full import (envelope, signature, digest, base model,
-watermark: ``open_into_store``) over the saved chunks and then the live ones, so the store's copy is
-written in parallel with the partial file; the store installs it only when the stream ended and every
-check passed. The store never holds a partial cube; the partial file is removed once the cube is in.
+must carry the holder's node id).
+
+Receiving writes the payload once. The sealed header is checked (envelope, signature, content key,
+catalog) before any chunk is kept, and saved as ``<cube>@<version>.header`` in ``partial_dir``; each
+chunk is authenticated (AES-GCM) and its *plaintext* appended to ``<cube>@<version>.payload.part``,
+hashed on the way (SHA-256 for the manifest's digest, XXH3-128 for the store's local check, as a put
+does). When the stream has ended and every check has passed — digest, then base model and watermark
+(the order and code of ``open_into_store``), then the safetensors check for weights — the store
+*adopts* that file (``CubeStore.adopt_file``: fsync, rename into its objects, commit the index row), so
+the bytes are never copied a second time. Writing them twice (a resumable partial file and the store's
+own temp file) was what bounded the transfer: each write to fresh pages costs as much as the network.
+
+A transfer cut anywhere — the process killed, the link dropped — resumes from the last whole chunk:
+the holder re-sends the same sealed stream (same header, same key), the saved header must equal the new
+one byte for byte, and the kept prefix is re-hashed from the file (a hash state cannot be saved) before
+the new chunks are appended. The kept plaintext is not authenticated again, but the digest over the
+whole payload is checked before adoption, so a damaged partial file (e.g. after a power loss: it is
+not fsynced) fails that check and the transfer starts over. The store never holds a partial cube: until
+adoption the payload lives only in ``partial_dir``; the partial files are gone once the cube is in.
 
 The received manifest must be the catalog's version: same cube, version and version chain
 (mix-and-match), and the same digest unless the holder watermarked it for us (then the manifest says so
@@ -22,12 +34,12 @@ in its signed annotations).
 
 from __future__ import annotations
 
-import contextlib
+import errno
+import fcntl
+import hashlib
 import io
 import logging
 import os
-import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,15 +49,31 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import xxhash
 
 from memfed.client import CHANNEL_OPTIONS, error_from_rpc
 from memfed.crypto.envelope import PREFIX_BYTES, encode_header, header_hash, read_header
 from memfed.crypto.identity import Identity
-from memfed.crypto.seal import WM_SCHEME, open_header, open_into_store
+from memfed.crypto.seal import (
+    WM_SCHEME,
+    PayloadFormatCheck,
+    _base_model_problem,
+    _watermark_problem,
+    open_header,
+)
 from memfed.crypto.signing import TrustedKeys
 from memfed.crypto.stream import TAG_BYTES, StreamDecryptor, chunk_plain_len
-from memfed.cube.manifest import CubeManifest, manifest_from_bytes, ref_string
-from memfed.errors import IntegrityError, InvalidArgumentError, MemfedError, NotFoundError, UnavailableError
+from memfed.cube.digest import format_digest
+from memfed.cube.manifest import PARAMETRIC_KINDS, CubeManifest, manifest_from_bytes, ref_string
+from memfed.errors import (
+    IncompatibleModelError,
+    IntegrityError,
+    InvalidArgumentError,
+    MemfedError,
+    NotFoundError,
+    UnavailableError,
+    UnsupportedError,
+)
 from memfed.mip.v1 import node_service_pb2, node_service_pb2_grpc
 from memfed.node.service.sealed import public_identity_of
 from memfed.registry.tls import TlsFiles
@@ -53,9 +81,10 @@ from memfed.registry_client import RegistryClient
 
 pb = node_service_pb2
 log = logging.getLogger("memfed.node.sync")
-# The partial file is not fsynced: it only has to survive the receiving process (the kernel keeps its
-# pages), and after a power loss a damaged tail fails authentication on import and the transfer starts
-# over. The store's copy is durable as always (temp file, fsync, rename).
+HEADER_SUFFIX = ".header"
+PAYLOAD_SUFFIX = ".payload.part"
+# A transfer refused for its content (not cut): its partial files are useless, the next try starts over.
+_REFUSALS = (IntegrityError, IncompatibleModelError, UnsupportedError, InvalidArgumentError)
 
 
 @dataclass(frozen=True)
@@ -131,8 +160,11 @@ class Syncer:
 
     # -- one transfer -------------------------------------------------------------------------------------
 
-    def _partial_path(self, m: CubeManifest) -> Path:
-        return self.partial_dir / f"{m.cube_id}@{m.version}.mcube.part"
+    def _partial_paths(self, m: CubeManifest) -> _Partial:
+        base = f"{m.cube_id}@{m.version}"
+        return _Partial(
+            self.partial_dir / f"{base}{HEADER_SUFFIX}", self.partial_dir / f"{base}{PAYLOAD_SUFFIX}"
+        )
 
     def _pull(self, m: CubeManifest, holder: str, token: pb.CapabilityToken) -> SyncResult:
         ident = self.registry.get_node(holder)
@@ -140,22 +172,30 @@ class Syncer:
             raise UnavailableError(f"holder {holder!r} registered no address")
         trusted = TrustedKeys([public_identity_of(ident)])
         self.partial_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self._partial_path(m)
+        part = self._partial_paths(m)
         t0 = time.perf_counter()
-        for attempt in range(2):
-            saved, start = _resume_point(path)
-            try:
-                got, stored = self._stream(m, ident, token, trusted, path, saved, start)
-            except _RestartNeeded:
-                path.unlink(missing_ok=True)
-                if attempt:
-                    raise UnavailableError("the holder changed its sealed stream twice; try again") from None
-                continue
-            except IntegrityError:
-                path.unlink(missing_ok=True)  # corrupt: start over next time
-                raise
-            break
-        path.unlink(missing_ok=True)
+        fd = _open_locked(part.payload)  # one receiver per partial file, held until the cube is in
+        try:
+            for attempt in range(2):
+                saved, start = _resume_point(part, fd)
+                try:
+                    got, stored = self._stream(m, ident, token, trusted, part, fd, saved, start)
+                except _RestartNeeded:
+                    part.clear(fd)
+                    if attempt:
+                        raise UnavailableError(
+                            "the holder changed its sealed stream twice; try again"
+                        ) from None
+                    continue
+                except _REFUSALS:
+                    part.remove()  # refused for its content: start over next time
+                    raise
+                break
+            # The payload file is the store's now (adopted); the header goes while we hold the lock, so
+            # a receiver that starts next never loses its own files to us.
+            part.header.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
         log.info("synced %s from %s (%s bytes)", ref_string(stored), holder, stored.payload.size_bytes)
         return SyncResult(
             stored.cube_id, stored.version, "synced", holder, start, got, stored.payload.size_bytes,
@@ -168,8 +208,8 @@ class Syncer:
         return grpc.secure_channel(ident.address, self.tls.channel_credentials(), options=opts)
 
     def _stream(
-        self, m: CubeManifest, ident: Any, token: pb.CapabilityToken, trusted: TrustedKeys, path: Path,
-        saved: bytes | None, start: int,
+        self, m: CubeManifest, ident: Any, token: pb.CapabilityToken, trusted: TrustedKeys, part: _Partial,
+        fd: int, saved: bytes | None, start: int,
     ) -> tuple[int, CubeManifest]:  # fmt: skip
         req = pb.FetchCubeRequest(
             ref=pb.CubeRef(cube_id=m.cube_id, version=m.version, digest=m.digest),
@@ -178,7 +218,6 @@ class Syncer:
             resume_from_chunk=start,
             chunk_size=self.chunk_size,
         )
-        received = 0
         with self._channel(ident) as ch:
             stub = node_service_pb2_grpc.NodeServiceStub(ch)
             try:
@@ -189,83 +228,94 @@ class Syncer:
                 prefix = encode_header(first.sealed_header)
                 if saved is not None and prefix != saved:
                     raise _RestartNeeded
+                # Steps 1-2 of open_into_store (envelope, signature, content key), then the catalog;
+                # steps 4-5 (base model, watermark) are computed now and raised after the digest check,
+                # in open_into_store's order and with its code.
                 opened = open_header(io.BytesIO(prefix), self.identity, trusted)
-                _check_against_catalog(opened.manifest, m)
-                e = opened.header.encryption
-                dec = StreamDecryptor(opened.content_key, e.stream_id, header_hash(prefix[PREFIX_BYTES:]))
-                scratch = memoryview(bytearray(e.chunk_size))
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                # One writer thread authenticates and appends chunk i while chunk i+1 arrives (both
-                # release the GIL on large buffers); it runs jobs in order, so the file stays a prefix
-                # of verified chunks. At most two chunks are in flight.
-                writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
-                pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-import")
-                pending: deque[Future[None]] = deque()
-
-                def keep(index: int, last: bool, data: bytes) -> None:
-                    dec.decrypt_into(index, last, memoryview(data), scratch)  # raises unless authentic
-                    os.write(fd, data)
-
-                # The store imports while the bytes arrive: a second thread runs the full import
-                # (open_into_store: signature, digest, base model, watermark; temp file, rename) over a
-                # pipe fed with the saved chunks, then each live one, so the partial file (for resume)
-                # and the store's copy are written in parallel. A cut stream fails the pipe, and the
-                # store discards its temp file.
-                pipe = _ChunkPipe()
-                importer = pool.submit(self._import, pipe, trusted)
-                try:
-                    pipe.put(prefix)
-                    if saved is None:
-                        os.write(fd, prefix)
-                    else:
-                        _feed_saved(path, len(prefix), start, e, pipe)
-                    expect = start
-                    for msg in stream:
-                        c = msg.chunk
-                        if msg.WhichOneof("body") != "chunk" or c.index != expect:
-                            raise IntegrityError(
-                                f"the holder sent {msg.WhichOneof('body')} where chunk {expect} belongs"
-                            )
-                        last = expect == e.chunk_count - 1
-                        size = chunk_plain_len(expect, e.plaintext_size, e.chunk_size) + TAG_BYTES
-                        if c.last != last or len(c.data) != size:
-                            raise IntegrityError(f"chunk {expect} has the wrong size or last flag")
-                        pending.append(writer.submit(keep, expect, last, c.data))
-                        while len(pending) > 2 or (pending and pending[0].done()):
-                            pending.popleft().result()
-                        pipe.put(c.data)
-                        if importer.done():
-                            importer.result()  # the import failed early (e.g. digest): its error
-                        expect += 1
-                        received += 1
-                        if self.chunk_delay_s:
-                            time.sleep(self.chunk_delay_s)
-                    while pending:
-                        pending.popleft().result()
-                    if expect != e.chunk_count:
-                        raise UnavailableError(
-                            f"the transfer of {ref_string(m)} stopped at chunk {expect} of {e.chunk_count}",
-                            hint="sync again: it resumes from there",
-                        )
-                    pipe.close()
-                    stored = importer.result()
-                except BaseException as exc:
-                    pipe.fail(exc)
-                    with contextlib.suppress(BaseException):
-                        importer.result()
-                    raise
-                finally:
-                    writer.shutdown(wait=True, cancel_futures=True)
-                    pool.shutdown(wait=True)
-                    os.close(fd)
+                got_m = opened.manifest
+                _check_against_catalog(got_m, m)
+                later = _base_model_problem(got_m, self.host_fingerprint) or _watermark_problem(
+                    opened, self.identity
+                )
+                if saved is None:
+                    part.header.write_bytes(prefix)  # before any chunk: a resume needs it
+                received, sha, check = self._receive(stream, opened, fd, start, later, m)
             except grpc.RpcError as exc:
                 raise error_from_rpc(exc, address=ident.address) from None
-        return received, stored
+        # Every check has passed: the store takes the file as it is (fsync, rename, index row).
+        return received, self.store.adopt_file(got_m, part.payload, sha, check)
 
-    def _import(self, pipe: _ChunkPipe, trusted: TrustedKeys) -> CubeManifest:
-        return open_into_store(
-            pipe, self.store, self.identity, trusted, host_fingerprint=self.host_fingerprint
-        )
+    def _receive(
+        self, stream: Any, opened: Any, fd: int, start: int, later: MemfedError | None, m: CubeManifest
+    ) -> tuple[int, bytes, bytes]:
+        """Authenticate, append and hash the chunks from ``start`` on (after re-hashing the kept ones);
+        return (chunks received, raw SHA-256, raw XXH3-128) once the whole payload passed its checks."""
+        got_m = opened.manifest
+        e = opened.header.encryption
+        cs = e.chunk_size
+        sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
+        fmt = PayloadFormatCheck(got_m.payload.size_bytes) if got_m.kind in PARAMETRIC_KINDS else None
+        if start:
+            _rehash_kept(fd, start * cs, cs, (sha, xxh), fmt)
+        dec = StreamDecryptor(opened.content_key, e.stream_id, header_hash(opened.header_bytes))
+        outs = [memoryview(bytearray(cs)) for _ in range(3)]
+
+        def keep(index: int, last: bool, data: bytes) -> None:
+            # Authenticate first (raises unless authentic), then append and hash the plaintext: the
+            # file stays a prefix of verified chunks, and the hashes cover exactly what was written.
+            plain = dec.decrypt_into(index, last, memoryview(data), outs[index % 3])
+            if fmt is not None:
+                fmt.feed(plain)
+            _write_all(fd, plain)
+            sha.update(plain)  # hashlib and xxhash release the GIL on large buffers
+            xxh.update(plain)
+
+        # One worker authenticates, appends and hashes chunk i while chunk i+1 arrives; it runs jobs in
+        # order, and at most two are in flight (so a plaintext buffer is reused only once its chunk is
+        # written and hashed).
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
+        pending: deque[Future[None]] = deque()
+        received = 0
+        expect = start
+        try:
+            for msg in stream:
+                c = msg.chunk
+                if msg.WhichOneof("body") != "chunk" or c.index != expect:
+                    raise IntegrityError(
+                        f"the holder sent {msg.WhichOneof('body')} where chunk {expect} belongs"
+                    )
+                last = expect == e.chunk_count - 1
+                size = chunk_plain_len(expect, e.plaintext_size, cs) + TAG_BYTES
+                if c.last != last or len(c.data) != size:
+                    raise IntegrityError(f"chunk {expect} has the wrong size or last flag")
+                pending.append(writer.submit(keep, expect, last, c.data))
+                while len(pending) > 2 or (pending and pending[0].done()):
+                    pending.popleft().result()
+                expect += 1
+                received += 1
+                if self.chunk_delay_s:
+                    time.sleep(self.chunk_delay_s)
+            while pending:
+                pending.popleft().result()
+        finally:
+            writer.shutdown(wait=True, cancel_futures=True)
+        if expect != e.chunk_count:
+            raise UnavailableError(
+                f"the transfer of {ref_string(m)} stopped at chunk {expect} of {e.chunk_count}",
+                hint="sync again: it resumes from there",
+            )
+        if format_digest(sha.digest()) != got_m.digest:
+            raise IntegrityError(
+                f"decrypted payload hashes to {format_digest(sha.digest())}, not the signed digest "
+                f"{got_m.digest}; nothing was stored",
+                hint="the producer sealed other bytes than it signed (or the partial file was damaged); "
+                "sync again to start over",
+            )
+        if later is not None:
+            raise later
+        if fmt is not None and (problem := fmt.result()) is not None:
+            raise problem  # weights must be safetensors (never a pickle)
+        return received, sha.digest(), xxh.digest()
 
     # -- revocations --------------------------------------------------------------------------------------
 
@@ -275,99 +325,92 @@ class Syncer:
         return len(ids)
 
 
-class _ChunkPipe:
-    """A read-only binary file fed from another thread: what ``open_into_store`` reads the sealed stream
-    from while it arrives. ``fail`` makes the reader raise (the import then stores nothing)."""
+@dataclass(frozen=True)
+class _Partial:
+    """The two files of an unfinished transfer: the sealed header, and the verified plaintext so far."""
 
-    def __init__(self, depth: int = 8) -> None:
-        self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
-        self._buf = memoryview(b"")
-        self._eof = False
-        self._failed = threading.Event()
-        self.reader_gone = threading.Event()  # the importer stopped (failed early): drop what comes
+    header: Path
+    payload: Path
 
-    def put(self, data: bytes) -> None:
-        while not self._failed.is_set() and not self.reader_gone.is_set():
-            try:
-                self._q.put(data, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def remove(self) -> None:
+        self.payload.unlink(missing_ok=True)
+        self.header.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        self.put(_EOF)  # type: ignore[arg-type]
-
-    def fail(self, exc: BaseException) -> None:
-        self._failed.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._q.get_nowait()
-        with contextlib.suppress(queue.Full):
-            self._q.put_nowait(exc)
-
-    def readinto(self, view: memoryview) -> int:
-        done = 0
-        while done < len(view):
-            if not self._buf:
-                if self._eof:
-                    break
-                item = self._q.get()
-                if item is _EOF:
-                    self._eof = True
-                    break
-                if isinstance(item, BaseException):
-                    raise UnavailableError(f"the transfer stopped: {item}") from item
-                self._buf = memoryview(item)  # type: ignore[arg-type]
-            n = min(len(view) - done, len(self._buf))
-            view[done : done + n] = self._buf[:n]
-            self._buf = self._buf[n:]
-            done += n
-        return done
-
-    def read(self, n: int = -1) -> bytes:
-        out = bytearray(n)
-        got = self.readinto(memoryview(out))
-        return bytes(out[:got])
-
-
-_EOF = object()
-
-
-def _feed_saved(path: Path, prefix_len: int, chunks: int, e: Any, pipe: _ChunkPipe) -> None:
-    """Replay the chunks a resumed transfer kept (verified when they arrived) into the import pipe."""
-    stride = e.chunk_size + TAG_BYTES
-    with open(path, "rb", buffering=0) as f:
-        f.seek(prefix_len)
-        for _ in range(chunks):
-            data = f.read(stride)
-            if len(data) != stride:
-                raise IntegrityError("the partial transfer file is shorter than its chunk count")
-            pipe.put(data)
+    def clear(self, fd: int) -> None:
+        """Start over in the (locked, open) payload file ``fd``: no header, no chunks."""
+        self.header.unlink(missing_ok=True)
+        os.ftruncate(fd, 0)
 
 
 class _RestartNeeded(Exception):
     """The partial file belongs to another sealed stream (the holder resealed): start from chunk 0."""
 
 
-def _resume_point(path: Path) -> tuple[bytes | None, int]:
-    """(saved envelope prefix, chunks kept) of a partial transfer, trimmed to whole chunks."""
-    if not path.exists():
-        return None, 0
+def _resume_point(part: _Partial, fd: int) -> tuple[bytes | None, int]:
+    """(saved envelope prefix, whole chunks kept) of a partial transfer; the payload file ``fd`` is
+    trimmed to those chunks. The last chunk is never counted as kept: the stream must end with a live
+    one."""
     try:
-        with open(path, "rb") as f:
-            header, data = read_header(f)
-    except MemfedError:
-        path.unlink(missing_ok=True)
+        saved = part.header.read_bytes()
+        header, data = read_header(io.BytesIO(saved))
+    except (FileNotFoundError, MemfedError):  # none yet, or torn: start over
+        part.clear(fd)
         return None, 0
-    prefix_len = PREFIX_BYTES + len(data)
     e = header.encryption
-    stride = e.chunk_size + TAG_BYTES
-    size = path.stat().st_size
-    full = min(max(0, (size - prefix_len) // stride), max(0, e.chunk_count - 1))
-    os.truncate(path, prefix_len + full * stride)
-    with open(path, "rb") as f:
-        prefix = f.read(prefix_len)
-    return prefix, full
+    full = min(os.fstat(fd).st_size // e.chunk_size, max(0, e.chunk_count - 1))
+    os.ftruncate(fd, full * e.chunk_size)
+    return saved[: PREFIX_BYTES + len(data)], full
+
+
+def _rehash_kept(
+    fd: int, size: int, chunk: int, hashes: tuple[Any, ...], fmt: PayloadFormatCheck | None
+) -> None:
+    """Feed the kept prefix of a resumed transfer's payload file to the hashes (and the format check)."""
+    buf = memoryview(bytearray(chunk))
+    done = 0
+    while done < size:
+        n = os.preadv(fd, [buf[: min(chunk, size - done)]], done)
+        if not n:
+            raise IntegrityError("the partial transfer file is shorter than its chunk count")
+        view = buf[:n]
+        if fmt is not None:
+            fmt.feed(view)
+        for h in hashes:
+            h.update(view)
+        done += n
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    off = 0
+    while off < len(data):
+        off += os.write(fd, data[off:])
+
+
+def _open_locked(path: Path) -> int:
+    """Open (creating) the partial payload file and lock it: one receiver per partial file, since a
+    second sync of the same version (the background loop and a ``memfed sync``) would interleave its
+    chunks with ours. The lock is taken on the file that is at ``path`` *after* locking: a receiver
+    that opened it just before another one's store adopted (renamed) it must not write into the store's
+    copy, so it opens again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise UnavailableError(
+                    f"another sync is receiving {path.name} right now", hint="try again when it has finished"
+                ) from None
+            raise
+        st = os.fstat(fd)
+        try:
+            here = os.stat(path)
+        except FileNotFoundError:
+            here = None
+        if here is not None and (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino):
+            return fd
+        os.close(fd)  # adopted (or removed) between our open and our lock: not ours to write
 
 
 def _check_against_catalog(got: CubeManifest, catalog: CubeManifest) -> None:
