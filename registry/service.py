@@ -37,6 +37,7 @@ from memfed.errors import (
 )
 from memfed.mip.v1 import registry_service_pb2 as rpb
 from memfed.mip.v1 import registry_service_pb2_grpc
+from memfed.observability import ServerMetrics
 from memfed.registry.core import Registry, entry_message, normalize_principal
 from memfed.registry.tls import TlsFiles, peer_of
 
@@ -271,6 +272,7 @@ class RegistryServer:
         port: int = 0,
         tls: TlsFiles | None = None,
         insecure: bool = False,
+        metrics_port: int | None = None,
     ) -> None:
         if tls is None and not insecure:
             raise InvalidArgumentError(
@@ -284,6 +286,9 @@ class RegistryServer:
         self.insecure = tls is None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        # Prometheus metrics (memfed.observability) only when a port is asked for: off by default.
+        self.metrics = ServerMetrics("registry") if metrics_port is not None else None
+        self.metrics_port = metrics_port
 
     @property
     def address(self) -> str:
@@ -293,7 +298,9 @@ class RegistryServer:
 
     async def start(self) -> int:
         server = grpc.aio.server(
-            options=REGISTRY_CHANNEL_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS
+            options=REGISTRY_CHANNEL_OPTIONS,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+            interceptors=[self.metrics.interceptor()] if self.metrics is not None else None,
         )
         registry_service_pb2_grpc.add_RegistryServiceServicer_to_server(
             RegistryServicer(self.registry, insecure=self.insecure), server
@@ -312,6 +319,8 @@ class RegistryServer:
         await server.start()
         await hs.set("", health_pb2.HealthCheckResponse.SERVING)
         await hs.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None and self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.host.strip("[]"), self.metrics_port)
         self._server = server
         self.port = port
         log.info("registry serving on %s (%s)", self.address, "insecure" if self.insecure else "mutual TLS")
@@ -321,6 +330,8 @@ class RegistryServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.metrics is not None:
+            self.metrics.stop_http()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from memfed.cli.observe_options import log_json_option, metrics_port_option
 from memfed.cli.options import json_option, model_option, resolve_store, store_option
 from memfed.cli.output import console, emit_json, err_console, progress_bar
 
@@ -264,6 +265,8 @@ def node() -> None:
     show_default=True,
     help="Log detail on stderr.",
 )
+@metrics_port_option
+@log_json_option
 @json_option
 def serve_cmd(
     model_dir: Path | None,
@@ -293,6 +296,8 @@ def serve_cmd(
     auto_interval: float,
     auto_min_per_hour: float,
     log_level: str,
+    metrics_port: int | None,
+    log_json: bool,
     as_json: bool,
 ) -> None:
     """Serve the MIP NodeService until Ctrl-C (or SIGTERM): generation, modules, cubes, lifecycle.
@@ -336,9 +341,11 @@ def serve_cmd(
         if value <= 0:
             raise InvalidArgumentError(f"{name} must be positive, not {value}")
     credentials = tls_credentials(tls_cert, tls_key, tls_ca) if tls_cert and tls_key else None
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from memfed.observability import configure_logging
+
+    configure_logging(log_level, json_lines=log_json)
     store_path = resolve_store(store_dir)
-    with progress_bar("loading the model", quiet=as_json):
+    with progress_bar("loading the model", quiet=as_json or log_json):
         the_node = Node.open(
             model_dir,
             store_path,
@@ -363,6 +370,7 @@ def serve_cmd(
         max_cube_bytes=int(max_cube_mb * MiB),
         authorizer=net.authorizer,
         sealer=net.sealer,
+        metrics_port=metrics_port,
     )
 
     async def run() -> None:
@@ -387,6 +395,8 @@ def serve_cmd(
             "store": str(store_path),
             "tls": credentials is not None,
         }
+        if server.metrics_port is not None:
+            info["metrics_port"] = server.metrics_port  # the bound one, when --metrics-port 0
         if as_json:
             emit_json(info)
         else:
@@ -396,7 +406,10 @@ def serve_cmd(
                 f"store {store_path}); Ctrl-C stops it"
             )
         await stop.wait()
-        err_console.print("stopping: finishing running calls")
+        if log_json:  # stderr carries JSON lines only
+            logging.getLogger("memfed.node.service").info("stopping: finishing running calls")
+        else:
+            err_console.print("stopping: finishing running calls")
         if auto_task is not None:
             await auto_task  # returns at once unless a tick is running: then after it
         await server.stop(grace=5.0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from memfed.cli.observe_options import log_json_option, metrics_port_option
 from memfed.cli.options import json_option
 from memfed.cli.output import console, emit_json, err_console
 
@@ -145,6 +146,8 @@ def registry() -> None:
     default=None,
     help="Write the bound port here once serving (for scripts using --port 0).",
 )
+@metrics_port_option
+@log_json_option
 def serve_cmd(
     registry_dir: Path | None,
     db_url: str | None,
@@ -154,14 +157,17 @@ def serve_cmd(
     insecure: bool,
     operators: tuple[str, ...],
     port_file: Path | None,
+    metrics_port: int | None,
+    log_json: bool,
 ) -> None:
     """Serve RegistryService until interrupted (SIGINT/SIGTERM stop it cleanly)."""
     from memfed.errors import InvalidArgumentError
+    from memfed.observability import configure_logging
     from memfed.registry.core import Registry
     from memfed.registry.service import RegistryServer
     from memfed.registry.tls import TlsFiles
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info", json_lines=log_json)
     if tls_dir is None and not insecure:
         raise InvalidArgumentError(
             "the registry needs --tls DIR (mutual TLS) or an explicit --insecure",
@@ -172,7 +178,7 @@ def serve_cmd(
     reg = Registry.open(
         _registry_dir(registry_dir), db_url=db_url, operators=[f"user:{o}" for o in operators], ca_pem=ca_pem
     )
-    server = RegistryServer(reg, host=host, port=port, tls=tls, insecure=insecure)
+    server = RegistryServer(reg, host=host, port=port, tls=tls, insecure=insecure, metrics_port=metrics_port)
 
     async def run() -> None:
         bound = await server.start()
@@ -180,7 +186,12 @@ def serve_cmd(
             tmp = port_file.with_suffix(".tmp")
             tmp.write_text(str(bound))
             tmp.replace(port_file)
-        err_console.print(f"registry serving on {host}:{bound} (key {reg.key_id})")
+        if log_json:  # stderr carries JSON lines only
+            logging.getLogger("memfed.registry").info(
+                "registry serving", extra={"address": f"{host}:{bound}", "key_id": reg.key_id}
+            )
+        else:
+            err_console.print(f"registry serving on {host}:{bound} (key {reg.key_id})")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -32,6 +32,7 @@ from memfed.mip.v1 import node_service_pb2_grpc
 from memfed.node.service.batcher import GenerateBatcher
 from memfed.node.service.node import Node
 from memfed.node.service.servicer import DEFAULT_MAX_CUBE_BYTES, Authorizer, ManifestVerifier, NodeServicer
+from memfed.observability import NodeCollector, ServerMetrics
 
 log = logging.getLogger("memfed.node.service")
 T = TypeVar("T")
@@ -70,6 +71,7 @@ class NodeServer:
         manifest_verifier: ManifestVerifier | None = None,
         authorizer: Authorizer | None = None,
         sealer: Any | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if credentials is None and not insecure:
             raise InvalidArgumentError(
@@ -95,6 +97,11 @@ class NodeServer:
             sealer=sealer,
         )
         self._server: grpc.aio.Server | None = None
+        # Prometheus metrics (memfed.observability) only when a port is asked for: off by default.
+        self.metrics: ServerMetrics | None = None
+        if metrics_port is not None:
+            self.metrics = ServerMetrics("node", collectors=[NodeCollector(node)])
+        self.metrics_port = metrics_port
         self._health: Any = None
         self.batcher: GenerateBatcher | None = None
         self.servicer: NodeServicer | None = None
@@ -128,7 +135,8 @@ class NodeServer:
             authorizer=o["authorizer"],
             sealer=o["sealer"],
         )
-        server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        interceptors = [self.metrics.interceptor()] if self.metrics is not None else None
+        server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
         node_service_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -161,6 +169,8 @@ class NodeServer:
         self._server = server
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics is not None and self.metrics_port is not None:
+            self.metrics_port = self.metrics.serve_http(self.host.strip("[]"), self.metrics_port)
         log.info("node %s serving %s on %s", self.node.node_id, SERVICE_NAME, self.address)
         return port
 
@@ -185,6 +195,8 @@ class NodeServer:
         if self._model_executor is not None:
             self._model_executor.shutdown(wait=True, cancel_futures=True)
             self._model_executor = None
+        if self.metrics is not None:
+            self.metrics.stop_http()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
