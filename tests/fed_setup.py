@@ -72,7 +72,8 @@ def registry_federation(fed: Federation, root: Path, *, granted: tuple[str, ...]
     from memfed.registry.core import Registry
 
     ca = root / "ca"
-    pki.init_ca(ca)
+    if not (ca / "ca.key").exists():  # the network CA the SuperLink's certificate may come from too
+        pki.init_ca(ca)
     registry = Registry.open(root / "registry")
     identities = {name: load_identity(identity) for name, (identity, _data) in fed.nodes.items()}
     identities[AGGREGATOR] = init_identity(root / AGGREGATOR / "identity", name=AGGREGATOR)

@@ -5,7 +5,8 @@
   trained on its own slice of the shipped documents on the tiny model, from one shared init (FedIT at its
   best). ``agg_error_svd`` is the SVD method's reported truncation error at the training rank.
 - ``ratios.round_overhead_vs_flower_fedavg``: a whole round on Flower's simulation engine, median over
-  rounds 2..R (round 1 loads the model in every worker, and ours also runs the admission handshake then):
+  rounds 2..R of two alternating runs each (round 1 loads the model in every worker, and ours also runs
+  the admission handshake then); ``round_{configure,wait,aggregate}_s`` split it up:
   our ServerApp strategy (admission check, signed replies, validation, exact stacking, a cube published
   to the store) against Flower's own ``FedAvg`` strategy, with the same ClientApp training (the same
   ``train_update`` call, settings and data), the same update arrays on the wire, the same engine, nodes
@@ -90,10 +91,10 @@ def run(*, quick: bool = False) -> BenchResult:
         update_bytes = sum(len(a.data) for a in replies[0][1].array_records[UPDATE_KEY].values())
         adapter_bytes = sum(int(a.numel()) * 4 + int(b.numel()) * 4 for a, b in updates[0].values())
 
-        round_nodes, round_count = (3, 4) if quick else (4, 7)
-        rounds = whole_rounds(root / "rounds", model, round_nodes, round_count, train)
+        round_nodes, round_count, round_repeats = (3, 4, 1) if quick else (4, 9, 2)
+        rounds = whole_rounds(root / "rounds", model, round_nodes, round_count, train, repeats=round_repeats)
 
-        acc = accuracy(root / "acc", rounds=2 if quick else 3, steps=30 if quick else 60, quick=quick)
+        acc = accuracy(root / "acc", rounds=2 if quick else 5, steps=30 if quick else 40, quick=quick)
 
         sim_settings = prepare(root / "sim", sim_nodes, model=model)
         sim_settings = replace(sim_settings, rounds=1, rank=2, steps=2, batch_size=8)
@@ -107,6 +108,10 @@ def run(*, quick: bool = False) -> BenchResult:
             "agg_error_svd": errors["svd"],
             "round_s": ours_round,
             "round_first_s": rounds["ours_first_round_s"],
+            "round_configure_s": rounds["ours_configure_s"],
+            "round_wait_s": rounds["ours_wait_s"],
+            "round_aggregate_s": rounds["ours_aggregate_s"],
+            "rounds_measured": rounds["ours_rounds_measured"],
             "server_step_s": ours_s,
             "update_bytes": float(update_bytes),
             "adapter_bytes": float(adapter_bytes),
@@ -120,12 +125,16 @@ def run(*, quick: bool = False) -> BenchResult:
             "name": "Flower FedAvg strategy (flwr 1.42 Message API), simulation engine",
             "round": (
                 f"FedAvg(fraction_train=1, fraction_evaluate=0) on {round_nodes} virtual nodes, "
-                f"{round_count} rounds, median of rounds 2..{round_count}; the same ClientApp training "
+                f"{round_repeats} runs of {round_count} rounds each alternating with ours, median of "
+                f"rounds 2..{round_count} of every run; the same ClientApp training "
                 f"(train_update, rank {train.rank}, {train.steps} steps, batch {train.batch_size}) "
                 "returning the same rank-r factor arrays, the same Grid (0.1 s polls), 1 CPU a worker"
             ),
             "round_s": fedavg_round,
             "round_first_s": rounds["fedavg_first_round_s"],
+            "round_configure_s": rounds["fedavg_configure_s"],
+            "round_wait_s": rounds["fedavg_wait_s"],
+            "round_aggregate_s": rounds["fedavg_aggregate_s"],
             "server_step": f"aggregate_arrayrecords on the same {nodes} ArrayRecords, by num-examples",
             "server_step_fedavg_s": fedavg_s,
             "fedit": "A and B averaged separately, shared init (same seed on every node)",
@@ -171,9 +180,12 @@ def _timed(strategy: Any, marks: dict[int, list[float]]) -> Any:
 
     def configure_train(server_round: int, *args: Any, **kwargs: Any) -> Any:
         marks[server_round] = [time.perf_counter()]
-        return configure(server_round, *args, **kwargs)
+        out = list(configure(server_round, *args, **kwargs))
+        marks[server_round].append(time.perf_counter())
+        return out
 
     def aggregate_train(server_round: int, replies: Any) -> Any:
+        marks[server_round].append(time.perf_counter())
         out = aggregate_(server_round, replies)
         marks[server_round].append(time.perf_counter())
         return out
@@ -214,70 +226,100 @@ def _fedavg_client_app(nodes_root: str, model: str) -> Any:
     return app
 
 
-def whole_rounds(root: Path, model: str, nodes: int, rounds: int, train: Any) -> dict[str, float]:
-    """Median round time of our strategy and of Flower's FedAvg, each on its own simulation run."""
+def whole_rounds(
+    root: Path, model: str, nodes: int, rounds: int, train: Any, *, repeats: int = 1
+) -> dict[str, float]:
+    """Median round time of our strategy and of Flower's FedAvg on the simulation engine.
+
+    Each of ``repeats`` runs simulates ours and then FedAvg, each from a fresh start (ours from a new
+    1.0.0); the first round of every run is left out (workers load the model then), and the medians
+    pool the other rounds of all runs, so a burst of load on a shared machine moves them less.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from flwr.simulation import run_simulation
+
+    from memfed.fed.client_app import make_client_app
+    from memfed.fed.simulate import prepare
+
+    done: dict[str, list[list[float]]] = {"ours": [], "fedavg": []}
+    firsts: dict[str, list[float]] = {"ours": [], "fedavg": []}
+    for k in range(repeats):
+        settings = prepare(root / f"run-{k}", nodes, model=model)
+        settings = replace(
+            settings,
+            rounds=rounds,
+            rank=train.rank,
+            steps=train.steps,
+            batch_size=train.batch_size,
+            lr=train.lr,
+        )
+        nodes_root = str(root / f"run-{k}" / "nodes")
+        for name in ("ours", "fedavg"):
+            marks: dict[int, list[float]] = {}
+            client = (
+                make_client_app(nodes_root, model)
+                if name == "ours"
+                else _fedavg_client_app(nodes_root, model)
+            )
+            run_simulation(
+                server_app=_round_server(name, settings, nodes, rounds, train, marks),
+                client_app=client,
+                num_supernodes=nodes,
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            )
+            complete = [m for _, m in sorted(marks.items()) if len(m) == 4]
+            firsts[name] += [m[3] - m[0] for m in complete[:1]]
+            done[name] += complete[1:]
+    out: dict[str, float] = {}
+    for name, spans in done.items():
+        out[f"{name}_round_s"] = statistics.median(m[3] - m[0] for m in spans) if spans else float("nan")
+        out[f"{name}_first_round_s"] = statistics.median(firsts[name]) if firsts[name] else float("nan")
+        out[f"{name}_rounds_measured"] = float(len(spans))
+        # Where a round goes: the server's configure step, the wait for the nodes (training and the
+        # engine's transport), the server's aggregate step (ours: validate, aggregate, publish).
+        for part, (i, j) in (("configure", (0, 1)), ("wait", (1, 2)), ("aggregate", (2, 3))):
+            out[f"{name}_{part}_s"] = statistics.median(m[j] - m[i] for m in spans) if spans else float("nan")
+    return out
+
+
+def _round_server(name: str, settings: Any, nodes: int, rounds: int, train: Any, marks: dict) -> Any:
+    """The ServerApp of one timed simulation: our strategy, or FedAvg on update-shaped zero arrays."""
     from flwr.app import ConfigRecord, Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation import run_simulation
 
     from memfed.fed.aggregate import cube_factors
-    from memfed.fed.client_app import make_client_app
     from memfed.fed.grid import PollingGrid
     from memfed.fed.server_app import build_strategy
-    from memfed.fed.simulate import prepare
     from memfed.fed.wire import factors_to_record
 
-    settings = prepare(root, nodes, model=model)
-    settings = replace(
-        settings, rounds=rounds, rank=train.rank, steps=train.steps, batch_size=train.batch_size, lr=train.lr
-    )
-    nodes_root = str(root / "nodes")
-    out: dict[str, float] = {}
-    for name in ("ours", "fedavg"):
-        marks: dict[int, list[float]] = {}
-        server = ServerApp()
+    server = ServerApp()
 
-        @server.main()
-        def main(grid: Grid, context: Context, name: str = name, marks: dict = marks) -> None:
-            if name == "ours":
-                strategy = _timed(build_strategy(settings), marks)
-                initial = factors_to_record(cube_factors(strategy.current))
-                config = ConfigRecord()
-            else:
-                strategy = _timed(
-                    FedAvg(
-                        fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,
-                        min_available_nodes=nodes,
-                    ),
-                    marks,
-                )  # fmt: skip
-                initial = _zero_update_arrays(settings, train.rank)
-                config = ConfigRecord(
-                    {"rank": train.rank, "steps": train.steps, "lr": train.lr, "batch-size": train.batch_size}
-                )
-            strategy.start(
-                PollingGrid(grid),
-                initial_arrays=initial,
-                num_rounds=rounds,
-                timeout=600.0,
-                train_config=config,
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        if name == "ours":
+            strategy = _timed(build_strategy(settings), marks)
+            initial = factors_to_record(cube_factors(strategy.current))
+            config = ConfigRecord()
+        else:
+            strategy = _timed(
+                FedAvg(
+                    fraction_train=1.0,
+                    fraction_evaluate=0.0,
+                    min_train_nodes=nodes,
+                    min_available_nodes=nodes,
+                ),
+                marks,
             )
+            initial = _zero_update_arrays(settings, train.rank)
+            config = ConfigRecord(
+                {"rank": train.rank, "steps": train.steps, "lr": train.lr, "batch-size": train.batch_size}
+            )
+        strategy.start(
+            PollingGrid(grid), initial_arrays=initial, num_rounds=rounds, timeout=600.0, train_config=config
+        )
 
-        client = (
-            make_client_app(nodes_root, model) if name == "ours" else _fedavg_client_app(nodes_root, model)
-        )
-        run_simulation(
-            server_app=server,
-            client_app=client,
-            num_supernodes=nodes,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
-        times = [m[1] - m[0] for _, m in sorted(marks.items()) if len(m) == 2]
-        out[f"{name}_round_s"] = statistics.median(times[1:]) if len(times) > 1 else float("nan")
-        out[f"{name}_first_round_s"] = times[0] if times else float("nan")
-    return out
+    return server
 
 
 def _zero_update_arrays(settings: Any, rank: int) -> Any:

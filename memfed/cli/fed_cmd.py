@@ -21,15 +21,17 @@ def fed() -> None:
     """Train one shared LoRA cube across nodes; only adapter updates travel.
 
     \b
-    How a federation runs:
-      memfed fed init CUBE --store S           version 1.0.0: a zero LoRA on the chosen layers
-      (grant nodes 'use' on CUBE in the registry, or in a grants file: memfed fed grant)
-      memfed fed serve CUBE --store S --grants G --tls-dir CA   SuperLink + rounds; publishes 1.1.0, ...
+    How a federation runs (with the registry, the usual deployment):
+      memfed fed init CUBE --store S --registry-dir R --identity AGG   1.0.0, AGG becomes its admin
+      memfed registry grant ...                 grant nodes 'use' on CUBE (the registry decides)
+      memfed fed serve CUBE --store S --registry-dir R --identity AGG --tls-dir CA
       memfed fed join --superlink ADDR --ca CA.pem --identity DIR --data PATH   on every node
+    Without a registry: --grants FILE instead of --registry-dir (memfed fed grant writes it).
       memfed fed simulate --nodes 50            the same apps on Flower's simulation engine (Ray)
 
     Aggregation is exact: 'stack' (factors stacked, ranks add; default) or 'svd' (re-factored to a rank,
     truncation error reported); 'fedit' (A and B averaged separately) is the inexact baseline.
+    --dp-clip/--dp-noise: client-side clipping + Gaussian noise of each update (local DP on the factors).
     """
 
 
@@ -104,7 +106,10 @@ def init_cmd(
         authority = LocalAuthority(store, store / "grants.json")
     lm, _ = load_host_model(model, device="cpu")
     cube = new_shared_cube(lm, cube_id, [m.strip() for m in modules.split(",") if m.strip()])
-    m = authority.publish(cube)
+    try:
+        m = authority.publish(cube)
+    finally:
+        authority.close()
     if as_json:
         emit_json({"ref": f"{m.cube_id}@{m.version}", "digest": m.digest})
     else:
@@ -208,7 +213,11 @@ def serve_cmd(cube_id: str, store: Path, grants: Path | None, registry_dir: Path
                               registry_dir=resolved(registry_dir), registry_db=registry_db or "",
                               identity=resolved(aggregator_identity), node_id=node_id,
                               min_nodes=min_nodes, report=str(report), **kw)  # type: ignore[arg-type]  # fmt: skip
-    build_authority(settings).current(cube_id)  # fail here, not in the ServerApp, on a bad setup
+    authority = build_authority(settings)  # fail here, not in the ServerApp, on a bad setup
+    try:
+        authority.current(cube_id)
+    finally:
+        authority.close()
     tls = deploy.make_tls(tls_dir)
     link, address = deploy.start_superlink(workdir, tls, port=port)
     try:

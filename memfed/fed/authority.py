@@ -55,6 +55,10 @@ class Publisher(Protocol):
 class Authority(Authorizer, Publisher, Protocol):
     """Both roles in one object: what ``LocalAuthority`` and ``RegistryAuthority`` are."""
 
+    def close(self) -> None:
+        """Release what the authority holds open (the registry's database connections)."""
+        ...
+
 
 def next_version(version: str) -> str:
     """The next minor version (1.2.0 -> 1.3.0): a federated round adds to a module, it does not break it."""
@@ -103,6 +107,9 @@ class LocalAuthority:
 
         with CubeStore(self.store_root) as store:
             return store.put(cube.manifest, cube.payload)
+
+    def close(self) -> None:
+        """Nothing held open (each call opens the store): here so both authorities close alike."""
 
 
 def write_grants(

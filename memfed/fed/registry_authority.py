@@ -59,6 +59,10 @@ class RegistryAuthority:
         ident = load_identity(Path(identity_dir))
         return cls(open_registry(registry_dir, db_url), store_root, ident, node_id or ident.public.name)
 
+    def close(self) -> None:
+        """Release the registry's database connections."""
+        self.registry.close()
+
     # -- Authorizer ---------------------------------------------------------------------------------
 
     def is_allowed(self, principal: str, cube_id: str, action: str) -> bool:

@@ -136,6 +136,9 @@ def run(grid: Grid, settings: ServerSettings) -> SharedCubeStrategy:
     finally:
         if settings.report:
             write_report(Path(settings.report), strategy)
+        close = getattr(strategy.authority, "close", None)
+        if close is not None:
+            close()
     return strategy
 
 
