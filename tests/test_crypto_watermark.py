@@ -26,10 +26,10 @@ from memfed.crypto.watermark import (  # noqa: E402
     Correlator,
     HostStats,
     host_stats,
-    lora_pairs,
     mark_payload,
     mark_tensors,
 )
+from memfed.crypto.watermark_attacks import ATTACKS, apply_attack  # noqa: E402
 
 RANK = 8
 N_FACTS = 8
@@ -223,45 +223,9 @@ def test_marked_cube_detected_and_null_below_threshold(setup: Setup) -> None:
     assert Correlator(via_payload).z(setup.secret, setup.recipients[0]) == pytest.approx(z_marked, abs=1e-3)
 
 
-def _quant8(t: torch.Tensor) -> torch.Tensor:
-    scale = t.abs().max() / 127
-    return (t / scale).round().clamp(-127, 127) * scale
-
-
-def _prune(t: torch.Tensor, frac: float) -> torch.Tensor:
-    k = int(frac * t.numel())
-    cut = t.abs().flatten().kthvalue(k).values
-    return torch.where(t.abs() <= cut, torch.zeros_like(t), t)
-
-
-def _merge(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
-    """Exact linear merge of the products: ΔW = w·B1A1 + (1−w)·B2A2, stored by concatenating the factors
-    (rank 2r; PEFT's ``cat``). Averaging A's and B's separately is not a merge of the modules (cross
-    terms; see FIELD-NOTES)."""
-    out = {}
-    for mod, (a1, b1) in lora_pairs(a).items():
-        a2, b2 = lora_pairs(b)[mod]
-        out[f"{mod}.lora_A.weight"] = torch.cat([a1, a2], 0)
-        out[f"{mod}.lora_B.weight"] = torch.cat([w * b1, (1 - w) * b2], 1)
-    return out
-
-
 def _attack(name: str, marked: dict[str, torch.Tensor], s: Setup) -> dict[str, torch.Tensor]:
-    if name == "fp16":
-        return {k: v.half() for k, v in marked.items()}
-    if name == "bf16":
-        return {k: v.bfloat16() for k, v in marked.items()}
-    if name == "int8":
-        return {k: _quant8(v) for k, v in marked.items()}
-    if name == "prune30":
-        return {k: _prune(v, 0.30) for k, v in marked.items()}
-    if name == "noise10":
-        g = torch.Generator().manual_seed(5)
-        return {k: v + 0.10 * v.std() * torch.randn(v.shape, generator=g) for k, v in marked.items()}
-    if name == "merge05":
-        return _merge(marked, s.other, 0.5)
-    if name == "train50":
-        _put(s.model, marked)
+    def retrain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        _put(s.model, tensors)
         try:
             torch.manual_seed(6)
             # 50 further steps on other data (the leaker adapting the module to its own use).
@@ -269,10 +233,8 @@ def _attack(name: str, marked: dict[str, torch.Tensor], s: Setup) -> dict[str, t
             return _get(s.model)
         finally:
             _put(s.model, s.clean)
-    raise AssertionError(name)
 
-
-ATTACKS = ["fp16", "bf16", "int8", "prune30", "noise10", "merge05", "train50"]
+    return apply_attack(name, marked, other=s.other, retrain=retrain)
 
 
 @pytest.mark.parametrize("kind", ["host-aware", "model-free"])

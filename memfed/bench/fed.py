@@ -94,7 +94,9 @@ def run(*, quick: bool = False) -> BenchResult:
         round_nodes, round_count, round_repeats = (3, 4, 1) if quick else (4, 9, 2)
         rounds = whole_rounds(root / "rounds", model, round_nodes, round_count, train, repeats=round_repeats)
 
-        acc = accuracy(root / "acc", rounds=2 if quick else 5, steps=30 if quick else 40, quick=quick)
+        curves: dict[str, list[float]] = {}
+        acc_rounds = 2 if quick else 5
+        acc = accuracy(root / "acc", rounds=acc_rounds, steps=30 if quick else 40, quick=quick, curves=curves)
 
         sim_settings = prepare(root / "sim", sim_nodes, model=model)
         sim_settings = replace(sim_settings, rounds=1, rank=2, steps=2, batch_size=8)
@@ -151,6 +153,7 @@ def run(*, quick: bool = False) -> BenchResult:
             "acc_exact_vs_fedit": _ratio(acc["acc_exact"], acc["acc_fedit"]),
             "acc_exact_vs_node_alone_mean": _ratio(acc["acc_exact"], acc["acc_alone_mean"]),
         },
+        series={"accuracy": {"round": list(range(1, acc_rounds + 1)), **curves}},
     )
 
 
@@ -342,8 +345,13 @@ def _zero_update_arrays(settings: Any, rank: int) -> Any:
 # -- accuracy on the union of the nodes' facts ---------------------------------------------------------
 
 
-def accuracy(root: Path, *, rounds: int, steps: int, quick: bool) -> dict[str, float]:
-    """Recall of every node's facts after ``rounds`` rounds: exact vs FedIT vs each node alone."""
+def accuracy(
+    root: Path, *, rounds: int, steps: int, quick: bool, curves: dict[str, list[float]] | None = None
+) -> dict[str, float]:
+    """Recall of every node's facts after ``rounds`` rounds: exact vs FedIT vs each node alone.
+
+    With ``curves``, the exact and FedIT recall after every round is appended under "exact"/"fedit" (the
+    report's per-round plot): one extra recall pass per earlier round, so only the bench asks for it."""
     from memfed.crypto.identity import init_identity
     from memfed.fed.authority import LocalAuthority, write_grants
     from memfed.fed.client_app import load_setup, train_round
@@ -374,7 +382,7 @@ def accuracy(root: Path, *, rounds: int, steps: int, quick: bool) -> dict[str, f
     probes = trained_probes(all_facts(docs))
     train = TrainSettings(rank=8, steps=steps, lr=5e-3, batch_size=16)
 
-    def federate(tag: str, method: str, members: list[int]) -> float:
+    def federate(tag: str, method: str, members: list[int], curve: list[float] | None = None) -> float:
         authority = LocalAuthority(root / f"store-{tag}", grants)
         authority.publish(new_shared_cube(lm, "shared_facts", ACC_MODULES))
         strategy = SharedCubeStrategy(authority, authority, "shared_facts", method=method, train=train)
@@ -383,13 +391,19 @@ def accuracy(root: Path, *, rounds: int, steps: int, quick: bool) -> dict[str, f
         for r in range(1, rounds + 1):
             contents = strategy.open_round(r, members)
             strategy.collect(r, [(n, train_round(setups[n], contents[n])) for n in members])
+            if curve is not None and r < rounds:
+                with module_loaded(lm, strategy.current) as (rt, ref):
+                    curve.append(rate(recall(rt, tok, probes, [ref])))
         with module_loaded(lm, strategy.current) as (rt, ref):
-            return rate(recall(rt, tok, probes, [ref]))
+            final = rate(recall(rt, tok, probes, [ref]))
+        if curve is not None:
+            curve.append(final)
+        return final
 
     members = list(setups)
     t0 = time.perf_counter()
-    exact = federate("exact", "stack", members)
-    fedit = federate("fedit", "fedit", members)
+    exact = federate("exact", "stack", members, None if curves is None else curves.setdefault("exact", []))
+    fedit = federate("fedit", "fedit", members, None if curves is None else curves.setdefault("fedit", []))
     alone = [federate(f"alone-{n}", "stack", [n]) for n in (members[:1] if quick else members)]
     from memfed.node.runtime import ModuleRuntime
 

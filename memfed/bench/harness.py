@@ -1,7 +1,9 @@
 """The bench harness: registry of benches, timing helpers and the JSON report shape.
 
-A report is ``{"bench", "metrics", "baseline", "ratios", "env"}``. A ratio named ``x_vs_y`` is x's figure
-over y's (for times: memfed's seconds over the baseline's, so lower is better). Figures are medians.
+A report is ``{"bench", "metrics", "baseline", "ratios", "series", "env"}``; ``series`` holds lists (a figure
+against a swept parameter) that the report's plots draw, and is empty for benches that sweep nothing.
+A ratio named ``x_vs_y`` is x's figure over y's (for times: memfed's seconds over the baseline's, so lower
+is better). Figures are medians.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ BENCHES: dict[str, str] = {
     "edit": "memfed.bench.edit:run",
     "fed": "memfed.bench.fed:run",
     "sync": "memfed.bench.sync:run",
+    "watermark": "memfed.bench.watermark:run",
 }
 
 
@@ -34,6 +37,8 @@ class BenchResult:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    # name -> {axis: list of numbers}; kept apart from ``metrics`` so the scalar figures stay flat.
+    series: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
 
 def median_seconds(
@@ -85,5 +90,6 @@ def run_bench(name: str, *, quick: bool = False) -> dict[str, Any]:
         "metrics": result.metrics,
         "baseline": result.baseline,
         "ratios": result.ratios,
+        "series": result.series,
         "env": environment(),
     }

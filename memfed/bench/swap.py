@@ -22,6 +22,7 @@ forward passes), in the same process and run.
 from __future__ import annotations
 
 import copy
+import itertools
 import statistics
 import tempfile
 import time
@@ -147,13 +148,19 @@ def run(*, quick: bool = False) -> BenchResult:
             peft.set_adapter(peft_names[next(cycle) % 8])
 
         peft_act = _median_ms(peft_activate, 50 if quick else 200)
-        for ref in refs[8:]:
-            sched.activate(ref)  # first use records GENERATED → ACTIVATED in the store: not timed below
+        # Activation latency as modules become resident, 8 → many (the report's plot); the last step is
+        # ``activate_ms_p50_256``.
+        resident_steps = [8, *(k for k in (16, 32, 64, 128, 256) if k < many), many]
+        activation_ms = [act8]
+        for prev, count in itertools.pairwise(resident_steps):
+            for ref in refs[prev:count]:
+                sched.activate(ref)  # first use records GENERATED → ACTIVATED in the store: not timed below
 
-        def ours_activate_many() -> None:
-            sched.activate(refs[next(cycle) % many])
+            def ours_activate_many(count: int = count) -> None:
+                sched.activate(refs[next(cycle) % count])
 
-        act_many = _median_ms(ours_activate_many, switches)
+            activation_ms.append(_median_ms(ours_activate_many, switches))
+        act_many = activation_ms[-1]
 
         # -- mixed batch -----------------------------------------------------------------------------
         ids = torch.randint(0, 32000, (8, 64), generator=torch.Generator().manual_seed(1))
@@ -195,6 +202,10 @@ def run(*, quick: bool = False) -> BenchResult:
         store.close()
 
     med = statistics.median
+    result.series["activation"] = {
+        "resident": resident_steps,
+        "activate_ms": [round(v, 4) for v in activation_ms],
+    }
     result.metrics = {
         "activate_ms_p50": round(act8, 4),
         "activate_ms_p50_256": round(act_many, 4),
