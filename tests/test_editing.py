@@ -23,10 +23,11 @@ from memfed.node.editing.counterfact import (
 from memfed.node.editing.cubes import attach, codebook_cube, describe_edit, lowrank_cube, read_edit
 from memfed.node.editing.editor import Editor
 from memfed.node.editing.evaluate import ngram_entropy
+from memfed.node.editing.keys import read_groups
 from memfed.node.editing.lowrank import LowRankEdit, apply_to_weights, remove_from_weights
 from memfed.node.editing.solve import exact_update, ridge_update
 from memfed.node.editing.text import subject_span
-from memfed.node.editing.value import EditRequest
+from memfed.node.editing.value import EditRequest, ValueConfig, optimize_values
 from memfed.node.models import tiny_gpt2, tiny_llama
 from memfed.node.runtime import ModuleRuntime
 from memfed.node.tokenizer_build import byte_tokenizer, wrap_tokenizer
@@ -267,6 +268,39 @@ def test_gpt2_rome_edit_meets_its_constraint(tokenizer) -> None:
         )
         edited = module(result.keys)
     torch.testing.assert_close(edited - module(result.keys), mapped, rtol=1e-3, atol=1e-3)
+
+
+def test_grouped_values_share_one_delta_and_bad_groups_are_refused(tokenizer) -> None:
+    model = tiny_llama(seed=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layout = layout_of(model)
+    requests = [
+        EditRequest("The capital of Veltria is", "Veltria", "Quorn"),
+        EditRequest("In Veltria, people speak", "Veltria", "Ostic"),
+        EditRequest("People in Zembla speak", "Zembla", "Ostic"),
+    ]
+    config = ValueConfig(steps=3)
+    result = optimize_values(layout, tokenizer, layout.down(0), requests, [""], config, groups=[0, 0, 1])
+    assert result.delta.shape[0] == 2 and result.nll.shape[0] == 3
+    with pytest.raises(InvalidArgumentError, match="groups"):
+        optimize_values(layout, tokenizer, layout.down(0), requests, [""], config, groups=[0, 2, 2])
+
+
+def test_patched_reads_see_the_delta(tokenizer) -> None:
+    """``read_groups(patch=...)`` reads a module's output with δ added at the subject: reading that same
+    module's output gives the plain read plus δ."""
+    model = tiny_llama(seed=2)
+    layout = layout_of(model)
+    pairs = [("The capital of Veltria is", "Veltria"), ("People in Zembla speak", "Zembla")]
+    deltas = torch.randn(2, layout.value_dim, generator=torch.Generator().manual_seed(0))
+    reads = {"z": (layout.block(0), False)}
+    plain = read_groups(layout, tokenizer, pairs, ["", "Also. "], reads, "all")
+    patched = read_groups(
+        layout, tokenizer, pairs, ["", "Also. "], reads, "all", patch=(layout.block(0), deltas)
+    )
+    for i in range(2):
+        torch.testing.assert_close(patched[i]["z"], plain[i]["z"] + deltas[i], rtol=1e-4, atol=1e-4)
 
 
 def test_shipped_case_file_has_the_counterfact_shape() -> None:

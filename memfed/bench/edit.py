@@ -161,4 +161,12 @@ def _run(quick: bool, loaded: tuple[Any, Any]) -> BenchResult:
         ratios["codebook_seconds_vs_finetune"] = round(
             seq["seconds_per_edit"] / finetune["seconds_per_edit"], 3
         )
-    return BenchResult(metrics=metrics, baseline=baseline, ratios=ratios)
+    # The report's "metrics vs sequential edits" plot. One point (the whole stream) for now: more points
+    # need sequential_codebook to score at checkpoints, which it does not yet.
+    series = {
+        "sequential": {
+            "edits": [n],
+            **{k: [seq.get(k, 0.0)] for k in ("reliability", "generalization", "locality")},
+        }
+    }
+    return BenchResult(metrics=metrics, baseline=baseline, ratios=ratios, series=series)

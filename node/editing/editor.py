@@ -19,7 +19,7 @@ from memfed.node.editing.arch import layout_of
 from memfed.node.editing.codebook import Codebook, Mode
 from memfed.node.editing.grace import DEFAULT_RADIUS, DEFAULT_WINDOW, CodebookEditor, new_codebook
 from memfed.node.editing.keys import context_prefixes
-from memfed.node.editing.memit import MemitResult, memit_edit
+from memfed.node.editing.memit import DEFAULT_LAMBDA, MemitResult, memit_edit
 from memfed.node.editing.rome import RomeResult, rome_edit
 from memfed.node.editing.stats import second_moments
 from memfed.node.editing.text import encode, subject_span, target_ids
@@ -156,7 +156,7 @@ class Editor:
         requests: Sequence[EditRequest],
         layers: Sequence[int] | None = None,
         *,
-        lam: float = 10.0,
+        lam: float = DEFAULT_LAMBDA,
         token: str = "all",
     ) -> MemitResult:
         """One MEMIT edit writing all ``requests`` over ``layers`` (default: from the traced layer on)."""

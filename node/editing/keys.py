@@ -15,13 +15,14 @@ from __future__ import annotations
 import random
 import weakref
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from memfed.node.editing.arch import ModelLayout
-from memfed.node.editing.hooks import record
+from memfed.node.editing.hooks import patch_output, record
 from memfed.node.editing.stats import corpus_digest
 from memfed.node.editing.text import encode, pad_batch, pad_id
 
@@ -99,9 +100,14 @@ def read_groups(
     prefixes: Sequence[str],
     reads: dict[str, tuple[torch.nn.Module, bool]],
     token: str = "last",
+    *,
+    patch: tuple[torch.nn.Module, torch.Tensor] | None = None,
 ) -> list[GroupReads]:
     """Per (prompt, subject): each read module's input (``True``) or output at the subject's ``token``
     positions, averaged over ``prefixes`` per (tokenization of the subject, position in it).
+
+    ``patch`` = (module, deltas (n requests, dim)): read with ``deltas[r]`` added to the module's output
+    at request r's subject positions, i.e. what a value written there makes of later layers.
 
     A subject at the very start of a text is tokenized differently from one after a space (byte-level
     BPE: ``Veltria`` vs `` Veltria``), so its keys are different vectors; averaging the two forms, as
@@ -112,7 +118,20 @@ def read_groups(
     batch = pad_batch([e.ids for e in enc], pad_id(tokenizer), device)
     ins = {n: m for n, (m, is_input) in reads.items() if is_input}
     outs = {n: m for n, (m, is_input) in reads.items() if not is_input}
-    with record(ins, inputs=True) as seen_in, record(outs, inputs=False) as seen_out:
+    with ExitStack() as stack:
+        if patch is not None:
+            module, deltas = patch
+            at = [(i, pos, i // len(prefixes)) for i, e in enumerate(enc) for pos in e.positions(token)]
+            rows, cols, owner = (torch.tensor(x, device=device) for x in zip(*at, strict=True))
+
+            def add(out: torch.Tensor) -> torch.Tensor:
+                out = out.clone()
+                out[rows, cols] = out[rows, cols] + deltas.to(out)[owner]
+                return out
+
+            stack.enter_context(patch_output(module, add))
+        seen_in = stack.enter_context(record(ins, inputs=True))
+        seen_out = stack.enter_context(record(outs, inputs=False))
         layout.model(input_ids=batch.ids)
     seen = {**seen_in, **seen_out}
     result = []
