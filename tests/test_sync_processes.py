@@ -11,9 +11,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,51 +19,16 @@ import pytest
 from memfed.client import NodeClient, Row
 from memfed.crypto.identity import init_identity, load_identity
 from memfed.crypto.signing import sign_manifest
+from memfed.processes import MEMFED, ServerProcess, wait_until
 from memfed.registry import pki
 from memfed.registry.tls import TlsFiles
 from memfed.registry_client import RegistryClient
 
-MEMFED = [sys.executable, "-m", "memfed.cli.main"]
 
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-class Proc:
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.log = log
-        self._f = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        env = {**os.environ, "MEMFED_HOME": str(log.parent / "home"), "TOKENIZERS_PARALLELISM": "false"}
-        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self._f, env=env)
-
-    def read_json(self, timeout: float = 120) -> dict:
-        lines: list[str] = []
-        end = time.monotonic() + timeout
-        assert self.p.stdout is not None
-        while time.monotonic() < end:
-            line = self.p.stdout.readline().decode()
-            if not line:
-                raise AssertionError(f"process ended: {self.log.read_text()[-3000:]}")
-            lines.append(line)
-            if line.rstrip() == "}":
-                return json.loads("".join(lines))
-        raise AssertionError("no JSON")
-
-    def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self._f.close()
+def Proc(args: list[str], log: Path) -> ServerProcess:
+    """A server process whose MEMFED_HOME is beside its log (one home per process, as on separate hosts)."""
+    env = {**os.environ, "MEMFED_HOME": str(log.parent / "home"), "TOKENIZERS_PARALLELISM": "false"}
+    return ServerProcess(args, log, env)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +53,7 @@ def network(tmp_path: Path, tiny_model: Path) -> Iterator[dict]:
             tmp_path / "registry.log",
         )  # fmt: skip
         procs.append(reg)
-        _wait(port_file.exists, 60, "the registry")
+        wait_until(port_file.exists, 60, "the registry")
         reg_addr = f"127.0.0.1:{port_file.read_text()}"
         key = tmp_path / "reg" / "key" / "identity.pub.json"
         nodes: dict[str, Proc] = {}
@@ -159,11 +122,13 @@ def test_registry_and_three_nodes_over_mtls(network: dict) -> None:
         ra.grant("legal_expert", "node:node-b", ["export"])
     # B's background sync pulls it, sealed, over mutual TLS; then B generates with it.
     with _node(net, "node-b", "node-b") as nb:
-        _wait(lambda: any(m.cube_id == "legal_expert" for m in nb.list_cubes()), 60, "B to sync the cube")
+        wait_until(
+            lambda: any(m.cube_id == "legal_expert" for m in nb.list_cubes()), 60, "B to sync the cube"
+        )
         [out] = nb.generate([Row("The contract", modules=("legal_expert",), max_new_tokens=4)])
         assert "param:legal_expert" in " ".join(out.memory_used)
     # C has no grant: its sync is denied at the registry, and the audit log shows it.
-    _wait(lambda: bool(_denied(net, "node:node-c", 1)), 30, "C's denial in the audit log")
+    wait_until(lambda: bool(_denied(net, "node:node-c", 1)), 30, "C's denial in the audit log")
     with _node(net, "node-c", "node-c") as nc:
         assert not any(m.cube_id == "legal_expert" for m in nc.list_cubes())
     # A revokes B; a newer version appears, and B's next pull is denied.
@@ -174,7 +139,7 @@ def test_registry_and_three_nodes_over_mtls(network: dict) -> None:
         ra.revoke("legal_expert", "node:node-b")
         na.put_cube(v2)
         ra.publish(sign_manifest(v2.manifest, a_ident), "node-a")
-    _wait(lambda: bool(_denied(net, "node:node-b", mark)), 30, "B's denied pull after the revocation")
+    wait_until(lambda: bool(_denied(net, "node:node-b", mark)), 30, "B's denied pull after the revocation")
     with _node(net, "node-b", "node-b") as nb:
         assert [m.version for m in nb.list_cubes() if m.cube_id == "legal_expert"] == ["1.0.0"]
     # The holder refuses a token-less fetch from C outright (offline check on node A).
@@ -184,7 +149,7 @@ def test_registry_and_three_nodes_over_mtls(network: dict) -> None:
         with pytest.raises(AuthenticationError):
             ac.get_cube("legal_expert")
     # ... and reports that refusal to the registry's audit log.
-    _wait(
+    wait_until(
         lambda: any("refused by node:node-a" in e.reason for e in _denied(net, "node:node-c", mark)),
         30,
         "node A's offline refusal in the registry's audit log",
@@ -210,7 +175,7 @@ def test_registry_and_three_nodes_over_mtls(network: dict) -> None:
             str(net["model"]), "--store", str(store), "--chunk-kb", "16", "--json"]  # fmt: skip
     part = store.parent / f"{store.name}-sync" / "big_notes@1.0.0.payload.part"
     killed = subprocess.Popen([*args, "--throttle-ms", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait(lambda: part.exists() and part.stat().st_size > 200_000, 90, "the partial transfer")
+    wait_until(lambda: part.exists() and part.stat().st_size > 200_000, 90, "the partial transfer")
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     done = subprocess.run(args, capture_output=True, timeout=180)

@@ -17,15 +17,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-MEMFED = [sys.executable, "-m", "memfed.cli.main"]
+from memfed.processes import MEMFED, ServerProcess, wait_until
+
 NODES = ("node-a", "node-b", "node-c")
 DOC_ID = "doc/dreta-and-brigis"  # a shipped document: 5 facts the bare model does not know
 CUBE_ID = "dreta"
@@ -40,56 +39,6 @@ FED_TEXTS = {
 FED_STEPS = 4
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``cond`` (servers and background syncs finish on their own schedule, not on a call)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-class _Proc:
-    """One server process in its own process group, so stopping it also stops anything it spawned."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log
-        self._f: IO[bytes] = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        self.p = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=self._f, env=env, start_new_session=True
-        )
-
-    def read_json(self, timeout: float = 180) -> dict[str, Any]:
-        """The JSON document ``--json`` prints once the server listens."""
-        lines: list[str] = []
-        end = time.monotonic() + timeout
-        assert self.p.stdout is not None
-        while time.monotonic() < end:
-            line = self.p.stdout.readline().decode()
-            if not line:
-                raise RuntimeError(f"{self.log.stem} ended: {self.log.read_text()[-2000:]}")
-            lines.append(line)
-            if line.rstrip() == "}":
-                return json.loads("".join(lines))
-        raise TimeoutError(f"{self.log.stem} printed no address")
-
-    def stop(self) -> None:
-        """SIGTERM the group (servers shut down cleanly), SIGKILL it if that takes too long."""
-        if self.p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._f.close()
-
-
 class Network:
     """The registry and nodes A, B, C under ``work``; B and C sync the demo cube in the background."""
 
@@ -97,8 +46,8 @@ class Network:
         self.work = work
         self.model_dir = model_dir
         self.pki = work / "pki"
-        self.procs: list[_Proc] = []
-        self.nodes: dict[str, _Proc] = {}
+        self.procs: list[ServerProcess] = []
+        self.nodes: dict[str, ServerProcess] = {}
         self.addrs: dict[str, str] = {}
         self.reg_addr = ""
         self.reg_key = work / "registry" / "key" / "identity.pub.json"
@@ -125,19 +74,19 @@ class Network:
             pki.issue(self.pki, name)
         port_file = self.work / "registry.port"
         self.procs.append(
-            _Proc(
+            ServerProcess(
                 [*MEMFED, "registry", "serve", "--dir", str(self.work / "registry"), "--tls",
                  str(self.pki / "registry"), "--port", "0", "--port-file", str(port_file),
                  "--operator", "admin"],
                 self.work / "registry.log", self.env,
             )
         )  # fmt: skip
-        _wait(lambda: port_file.exists() and bool(port_file.read_text().strip()), 120, "the registry")
+        wait_until(lambda: port_file.exists() and bool(port_file.read_text().strip()), 120, "the registry")
         self.reg_addr = f"127.0.0.1:{port_file.read_text().strip()}"
         for name in NODES:
             init_identity(self.identity_dir(name), name=name)
             sync = ["--sync", CUBE_ID] if name != "node-a" else []
-            self.nodes[name] = _Proc(
+            self.nodes[name] = ServerProcess(
                 [*MEMFED, "node", "serve", "--model", str(self.model_dir), "--store",
                  str(self.store_dir(name)), "--port", "0", "--json", "--tls", str(self.pki / name),
                  "--registry", self.reg_addr,
@@ -389,7 +338,7 @@ class _Steps:
             ra.publish(sign_manifest(cube.manifest, a_ident), "node-a")
             ra.grant(CUBE_ID, "node:node-b", ["export"])
         with self.net.node("node-b") as nb:
-            _wait(lambda: any(m.cube_id == CUBE_ID for m in nb.list_cubes()), 120, "B to sync the cube")
+            wait_until(lambda: any(m.cube_id == CUBE_ID for m in nb.list_cubes()), 120, "B to sync the cube")
             got = next(m for m in nb.list_cubes() if m.cube_id == CUBE_ID)
             [out] = nb.generate([Row(QUESTION, modules=(CUBE_ID,), max_new_tokens=6)])
         self.st["b_digest"] = got.digest
@@ -443,7 +392,7 @@ class _Steps:
                 e for e in entries if e.principal == "node:node-c" and e.cube_id == CUBE_ID and not e.allowed
             ]
 
-        _wait(lambda: bool(denied()), 60, "C's denial in the audit log")
+        wait_until(lambda: bool(denied()), 60, "C's denial in the audit log")
         entry = denied()[0]
         with self.net.node("node-c") as nc:
             held = any(m.cube_id == CUBE_ID for m in nc.list_cubes())
@@ -583,7 +532,7 @@ class _Steps:
             )
             for node in nodes:
                 node.wait()
-            _wait(report.exists, 180, "the federated round's report")
+            wait_until(report.exists, 180, "the federated round's report")
         finally:
             deploy.stop_all(procs)
         [done] = json.loads(report.read_text())
