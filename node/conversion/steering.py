@@ -40,13 +40,13 @@ from memfed.cube.payload import tensor_views
 from memfed.errors import InvalidArgumentError, NotFoundError, UnsupportedError
 from memfed.mip.v1 import cube_pb2
 from memfed.node.conversion.train import (
+    BatchOrder,
     LoraTrainConfig,
     Progress,
     TrainedLora,
+    fit,
     lora_factors,
     peft_lora,
-    set_warmup_lr,
-    trainable,
 )
 from memfed.node.editing.arch import layout_of
 from memfed.node.editing.text import Encoded, encode, pad_batch, pad_id, target_logprobs
@@ -501,29 +501,20 @@ def distill(
     generator = torch.Generator().manual_seed(config.seed)
     steps = config.steps_for(len(seqs))
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    order = BatchOrder(len(seqs), config.batch_size, generator)
+
+    def loss_of_next_batch(peft_model: Any) -> torch.Tensor:
+        chunk = order.next()
+        batch = pad_batch([seqs[i] for i in chunk], pad, device)
+        width = batch.ids.shape[1]
+        teacher = torch.zeros(len(chunk), width, teachers[0].shape[-1], device=device)
+        for row, i in enumerate(chunk):
+            teacher[row, : len(seqs[i])] = teachers[i].float()
+        return _kl(teacher, _log_probs(peft_model, batch.ids), _mask(batch.lengths, width, device))
+
     with peft_lora(model, config) as peft_model:
         peft_model.eval()  # no dropout anywhere: match the teacher's deterministic outputs
-        opt = torch.optim.AdamW(trainable(peft_model), lr=config.lr, weight_decay=0.0)
-        order: list[int] = []
-        for step in range(steps):
-            set_warmup_lr(opt, config, step)
-            if len(order) < config.batch_size:
-                order += torch.randperm(len(seqs), generator=generator).tolist()
-            chunk, order = order[: config.batch_size], order[config.batch_size :]
-            batch = pad_batch([seqs[i] for i in chunk], pad, device)
-            width = batch.ids.shape[1]
-            teacher = torch.zeros(len(chunk), width, teachers[0].shape[-1], device=device)
-            for row, i in enumerate(chunk):
-                teacher[row, : len(seqs[i])] = teachers[i].float()
-            mask = _mask(batch.lengths, width, device)
-            loss = _kl(teacher, _log_probs(peft_model, batch.ids), mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = float(loss.detach())
-            if progress is not None:
-                progress(step + 1, steps)
+        loss_value = fit(peft_model, config, steps, loss_of_next_batch, progress)
         factors, alpha = lora_factors(peft_model)
     return TrainedLora(factors, alpha, time.perf_counter() - t0, loss_value, steps)
 

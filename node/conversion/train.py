@@ -144,32 +144,58 @@ def train_lora(
     replayed = encode_items(tokenizer, replay)
     generator = torch.Generator().manual_seed(config.seed)
     t0 = time.perf_counter()
+    items_order = BatchOrder(len(encoded), config.batch_size, generator)
+    replay_order = BatchOrder(len(replayed), config.replay_batch, generator)
+    steps = config.steps_for(len(encoded))
+
+    def loss_of_next_batch(peft_model: Any) -> torch.Tensor:
+        batch = [encoded[i] for i in items_order.next()]
+        if replayed and config.replay_batch:
+            batch += [replayed[i] for i in replay_order.next()]
+        return lm_loss(peft_model, *pad_items(batch, pad, device))
+
     with peft_lora(model, config) as peft_model:
-        opt = torch.optim.AdamW(trainable(peft_model), lr=config.lr, weight_decay=0.0)
-        loss_value = float("nan")
-        order: list[int] = []
-        replay_order: list[int] = []
-        steps = config.steps_for(len(encoded))
-        for step in range(steps):
-            set_warmup_lr(opt, config, step)
-            if len(order) < config.batch_size:
-                order += torch.randperm(len(encoded), generator=generator).tolist()
-            chunk, order = order[: config.batch_size], order[config.batch_size :]
-            batch = [encoded[i] for i in chunk]
-            if replayed and config.replay_batch:
-                if len(replay_order) < config.replay_batch:
-                    replay_order += torch.randperm(len(replayed), generator=generator).tolist()
-                batch += [replayed[i] for i in replay_order[: config.replay_batch]]
-                replay_order = replay_order[config.replay_batch :]
-            loss = lm_loss(peft_model, *pad_items(batch, pad, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_value = float(loss.detach())
-            if progress is not None:
-                progress(step + 1, steps)
+        loss_value = fit(peft_model, config, steps, loss_of_next_batch, progress)
         factors, alpha = lora_factors(peft_model)
     return TrainedLora(factors, alpha, time.perf_counter() - t0, loss_value, steps)
+
+
+class BatchOrder:
+    """Indices 0..n-1 in shuffled passes, ``size`` at a time; a batch that runs past the end of one pass
+    continues into the next (drawn from ``generator``, so a seed fixes every batch)."""
+
+    def __init__(self, n: int, size: int, generator: torch.Generator) -> None:
+        self.n, self.size, self.generator = n, size, generator
+        self._queue: list[int] = []
+
+    def next(self) -> list[int]:
+        if len(self._queue) < self.size:
+            self._queue += torch.randperm(self.n, generator=self.generator).tolist()
+        chunk, self._queue = self._queue[: self.size], self._queue[self.size :]
+        return chunk
+
+
+def fit(
+    peft_model: Any,
+    config: LoraTrainConfig,
+    steps: int,
+    loss_of_next_batch: Callable[[Any], torch.Tensor],
+    progress: Progress | None = None,
+) -> float:
+    """``steps`` AdamW steps (no weight decay, linear warm-up) on the LoRA parameters of ``peft_model``;
+    each step's loss comes from ``loss_of_next_batch(peft_model)``. Returns the last loss."""
+    opt = torch.optim.AdamW(trainable(peft_model), lr=config.lr, weight_decay=0.0)
+    loss_value = float("nan")
+    for step in range(steps):
+        set_warmup_lr(opt, config, step)
+        loss = loss_of_next_batch(peft_model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss_value = float(loss.detach())
+        if progress is not None:
+            progress(step + 1, steps)
+    return loss_value
 
 
 def trainable(peft_model: Any) -> list[torch.nn.Parameter]:
