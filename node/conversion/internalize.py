@@ -153,23 +153,8 @@ def internalize(
     ``extra_sources`` are added to the origin's sources (e.g. the cube a migrated text came from).
     """
     settings = settings or InternalizeSettings()
-    settings.check()
-    check_cube_id(cube_id)
-    if not documents:
-        raise InvalidArgumentError("no documents to internalize")
-    if store is not None and store.has(cube_id, version):
-        raise AlreadyExistsError(
-            f"cube {cube_id}@{version} exists already", hint="pick another --version or --cube-id"
-        )
     t0 = time.perf_counter()
-    facts = all_facts(documents)
-    items = augment(documents)
-    probes = heldout_probes(facts, items)
-    if not facts or not probes:
-        raise InvalidArgumentError(
-            "the documents state no fact the validator can ask about, so a module could not be checked",
-            hint="state facts as sentences in the model's relation vocabulary (see node/data/relations.json)",
-        )
+    facts, items, probes = plan(documents, cube_id=cube_id, version=version, store=store, settings=settings)
     subjects = {f.subject for f in facts}
     replay_prompts, control_prompts = world_prompts(
         settings.replay_prompts, settings.control_prompts, exclude_subjects=subjects, seed=settings.train.seed
@@ -194,26 +179,22 @@ def internalize(
             )
         seconds["train"] = time.perf_counter() - t
 
-        origin = cube_pb2.Origin(
-            method=METHOD,
-            description=f"internalized from {len(documents)} document(s): "
-            + ", ".join(d.title for d in documents)[:400],
-            sources=[*(source_ref(d, vault_version(vault, d)) for d in documents), *extra_sources],
+        origin = document_origin(
+            documents,
+            facts,
+            vault,
+            how="internalized",
+            extra_sources=extra_sources,
             params={
                 **settings.train.as_params(),
                 "steps": str(trained.steps),
-                PROBE_KEYS_PARAM: json.dumps([list(f.key) for f in facts]),
                 "augmentation": "templates",
                 "training_items": str(len(items)),
                 "replay_items": str(len(replay)),
             },
         )
-        fp = cube_pb2.BaseModelFingerprint()
-        fp.CopyFrom(rt.host_fingerprint(DEFAULT_SAMPLE_SEED))  # computed once per runtime
-        if model_name:
-            fp.name = model_name
         cube = lora_cube(
-            fp,
+            host_fingerprint(rt, model_name),
             trained.factors,
             cube_id=cube_id,
             version=version,
@@ -263,16 +244,88 @@ def internalize(
         raise RecallGateError(
             report, hint="train longer (--steps), raise --rank, or state the facts more plainly"
         )
+    register(cube, report, store, vault, documents)
+    report.seconds = _rounded(seconds, t0)
+    return report, cube
+
+
+def plan(
+    documents: Sequence[Document],
+    *,
+    cube_id: str,
+    version: str,
+    store: CubeStore | None,
+    settings: InternalizeSettings,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Check an internalization request and prepare it: (facts, training items, held-out probes).
+
+    Every path to a module (trained or generated) starts here, so all refuse the same bad input and
+    are gated on the same probes."""
+    settings.check()
+    check_cube_id(cube_id)
+    if not documents:
+        raise InvalidArgumentError("no documents to internalize")
+    if store is not None and store.has(cube_id, version):
+        raise AlreadyExistsError(
+            f"cube {cube_id}@{version} exists already", hint="pick another --version or --cube-id"
+        )
+    facts = all_facts(documents)
+    items = augment(documents)
+    probes = heldout_probes(facts, items)
+    if not facts or not probes:
+        raise InvalidArgumentError(
+            "the documents state no fact the validator can ask about, so a module could not be checked",
+            hint="state facts as sentences in the model's relation vocabulary (see node/data/relations.json)",
+        )
+    return facts, items, probes
+
+
+def document_origin(
+    documents: Sequence[Document],
+    facts: Sequence[Any],
+    vault: PlaintextMemory | None,
+    *,
+    how: str,
+    params: dict[str, str],
+    extra_sources: Sequence[str] = (),
+) -> cube_pb2.Origin:
+    """An internalized cube's origin: its sources (by vault version and digest) and the (subject,
+    relation) pairs it was taught, which externalization probes later."""
+    return cube_pb2.Origin(
+        method=METHOD,
+        description=f"{how} from {len(documents)} document(s): "
+        + ", ".join(d.title for d in documents)[:400],
+        sources=[*(source_ref(d, vault_version(vault, d)) for d in documents), *extra_sources],
+        params={**params, PROBE_KEYS_PARAM: json.dumps([list(f.key) for f in facts])},
+    )
+
+
+def host_fingerprint(rt: ModuleRuntime, model_name: str | None) -> cube_pb2.BaseModelFingerprint:
+    """The runtime's host fingerprint (computed once per runtime), named ``model_name`` when given."""
+    fp = cube_pb2.BaseModelFingerprint()
+    fp.CopyFrom(rt.host_fingerprint(DEFAULT_SAMPLE_SEED))
+    if model_name:
+        fp.name = model_name
+    return fp
+
+
+def register(
+    cube: MemCube,
+    report: InternalizeReport,
+    store: CubeStore | None,
+    vault: PlaintextMemory | None,
+    documents: Sequence[Document],
+) -> None:
+    """A module that passed the gate: its recall goes into its origin; then, with a store, it is stored
+    and the sources are archived in the vault."""
     cube.manifest.origin.params.update(
-        {"recall_heldout": str(report.recall_heldout), "min_recall": str(settings.min_recall)}
+        {"recall_heldout": str(report.recall_heldout), "min_recall": str(report.min_recall)}
     )
     if store is not None:
         store.put(cube.manifest, cube.payload)
         report.registered = True
         if vault is not None:
             archive_sources(vault, documents)
-    report.seconds = _rounded(seconds, t0)
-    return report, cube
 
 
 def vault_version(vault: PlaintextMemory | None, doc: Document) -> int | None:

@@ -9,7 +9,6 @@ report carries both recalls and both times, so the user sees what the fast path 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,23 +17,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memfed.cube.build import lora_cube
-from memfed.cube.fingerprint import DEFAULT_SAMPLE_SEED
-from memfed.cube.manifest import check_cube_id
-from memfed.errors import AlreadyExistsError, InvalidArgumentError
+from memfed.errors import InvalidArgumentError
 from memfed.mip.v1 import cube_pb2
-from memfed.node.conversion.augment import all_facts, augment, heldout_probes, trained_probes
+from memfed.node.conversion.augment import trained_probes
 from memfed.node.conversion.documents import Document
 from memfed.node.conversion.internalize import (
-    METHOD,
-    PROBE_KEYS_PARAM,
     InternalizeReport,
     InternalizeSettings,
     RecallGateError,
     StageProgress,
-    archive_sources,
+    document_origin,
+    host_fingerprint,
     internalize,
-    source_ref,
-    vault_version,
+    plan,
+    register,
 )
 from memfed.node.conversion.probing import generate, module_loaded, rate, recall
 from memfed.node.conversion.replay import retention, world_prompts
@@ -127,38 +123,23 @@ def fast_internalize(
     (its report then describes the fast attempt), or when the fallback's trained module fails too.
     """
     settings = settings or InternalizeSettings()
-    settings.check()
-    check_cube_id(cube_id)
-    if not documents:
-        raise InvalidArgumentError("no documents to internalize")
-    if store is not None and store.has(cube_id, version):
-        raise AlreadyExistsError(f"cube {cube_id}@{version} exists already", hint="pick another --version")
     t0 = time.perf_counter()
-    facts = all_facts(documents)
-    items = augment(documents)
-    probes = heldout_probes(facts, items)
-    if not facts or not probes or not document_facts(documents):
+    facts, _, probes = plan(documents, cube_id=cube_id, version=version, store=store, settings=settings)
+    if not document_facts(documents):
         raise InvalidArgumentError(
-            "the documents state no fact the validator can ask about, so a module could not be checked",
+            "the documents state no fact the translator can write",
             hint="state facts as sentences in the model's relation vocabulary (see node/data/relations.json)",
         )
     rt = ModuleRuntime(model)
     try:
-        fp = cube_pb2.BaseModelFingerprint()
-        fp.CopyFrom(rt.host_fingerprint(DEFAULT_SAMPLE_SEED))
-        if model_name:
-            fp.name = model_name
+        fp = host_fingerprint(rt, model_name)
         translator_ref = translator.info.get("ref", "(unsaved)")
-        origin = cube_pb2.Origin(
-            method=METHOD,
-            description=f"internalized (fast, translator {translator_ref}) from {len(documents)} doc(s): "
-            + ", ".join(d.title for d in documents)[:400],
-            sources=[source_ref(d, vault_version(vault, d)) for d in documents],
-            params={
-                FAST_PARAM: "translator",
-                TRANSLATOR_PARAM: translator_ref,
-                PROBE_KEYS_PARAM: json.dumps([list(f.key) for f in facts]),
-            },
+        origin = document_origin(
+            documents,
+            facts,
+            vault,
+            how=f"internalized (fast, translator {translator_ref})",
+            params={FAST_PARAM: "translator", TRANSLATOR_PARAM: translator_ref},
         )
         t = time.perf_counter()
         cube = translate(
@@ -187,9 +168,6 @@ def fast_internalize(
     finally:
         rt.close()
     if attempt.passed:
-        cube.manifest.origin.params.update(
-            {"recall_heldout": str(after), "min_recall": str(settings.min_recall)}
-        )
         report = InternalizeReport(
             cube_id=cube_id,
             version=version,
@@ -210,11 +188,7 @@ def fast_internalize(
             },
             digest=cube.manifest.digest,
         )
-        if store is not None:
-            store.put(cube.manifest, cube.payload)
-            report.registered = True
-            if vault is not None:
-                archive_sources(vault, documents)
+        register(cube, report, store, vault, documents)
         return FastInternalizeReport("fast", attempt, report.to_dict()), cube
     reason = (
         f"the translator's module answered {after:.2f} of {len(probes)} held-out questions, below the gate "
