@@ -10,7 +10,6 @@ import asyncio
 import functools
 import logging
 import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import click
 from memfed.cli.observe_options import log_json_option, metrics_port_option
 from memfed.cli.options import json_option, model_option, resolve_store, store_option
 from memfed.cli.output import console, emit_json, err_console, progress_bar
+from memfed.cli.serving import stop_on_signals
 
 NODE_ENV = "MEMFED_NODE"
 MiB = 1 << 20
@@ -374,10 +374,7 @@ def serve_cmd(
     )
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await server.start()
         await net.start(server.address, stop)
         auto_task = None

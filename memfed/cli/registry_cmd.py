@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import click
 from memfed.cli.observe_options import log_json_option, metrics_port_option
 from memfed.cli.options import json_option
 from memfed.cli.output import console, emit_json, err_console
+from memfed.cli.serving import stop_on_signals
 
 REGISTRY_ENV = "MEMFED_REGISTRY"
 
@@ -192,10 +192,7 @@ def serve_cmd(
             )
         else:
             err_console.print(f"registry serving on {host}:{bound} (key {reg.key_id})")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = stop_on_signals()
         await stop.wait()
         await server.stop(grace=1.0)
 
