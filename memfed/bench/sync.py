@@ -49,14 +49,16 @@ def _pct(values: list[float], q: float) -> float:
 
 # -- baseline: raw gRPC stream ------------------------------------------------------------------------
 
+RAW_OPTS = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 4 << 20)]
 
-def _raw_grpc_seconds(payload: bytes, repeats: int) -> list[float]:
+
+def _raw_server_main(payload_file: str, port_file: str) -> None:
+    """The baseline's server, in its own process (``python -m memfed.bench.sync raw-server F P``): a
+    ``grpc.aio`` server stream of the file's bytes in 1 MiB messages, no TLS, identity serializers."""
     import grpc
 
-    chunks = [payload[i : i + CHUNK] for i in range(0, len(payload), CHUNK)]
-    opts = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 4 << 20)]
-    ready: dict[str, Any] = {}
-    started = __import__("threading").Event()
+    data = Path(payload_file).read_bytes()
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
 
     async def serve() -> None:
         async def stream(request: bytes, context: Any) -> Any:
@@ -66,29 +68,67 @@ def _raw_grpc_seconds(payload: bytes, repeats: int) -> list[float]:
         handler = grpc.method_handlers_generic_handler(
             "raw.Raw", {"Get": grpc.unary_stream_rpc_method_handler(stream)}
         )
-        server = grpc.aio.server(options=opts)
+        server = grpc.aio.server(options=RAW_OPTS)
         server.add_generic_rpc_handlers((handler,))
-        ready["port"] = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        ready["stop"] = asyncio.Event()
-        ready["loop"] = asyncio.get_running_loop()
-        started.set()
-        await ready["stop"].wait()
+        tmp = Path(port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.rename(port_file)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
         await server.stop(0)
 
-    thread = __import__("threading").Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    started.wait(30)
+    asyncio.run(serve())
+
+
+def _spawn(args: list[str], port_file: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a server process and wait for the port it writes into ``port_file``."""
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=f)
+    end = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            _stop(proc)
+            raise RuntimeError(f"{args[3:5]} did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raw_grpc_seconds(work: Path, payload: bytes, repeats: int) -> list[float]:
+    import grpc
+
+    payload_file = work / "raw.bin"
+    payload_file.write_bytes(payload)
+    port_file = work / "raw.port"
+    proc, addr = _spawn(
+        [sys.executable, "-m", "memfed.bench.sync", "raw-server", str(payload_file), str(port_file)],
+        port_file,
+        work / "raw.log",
+    )
     times = []
-    with grpc.insecure_channel(f"127.0.0.1:{ready['port']}", options=opts) as ch:
-        get = ch.unary_stream("/raw.Raw/Get")
-        for _ in range(repeats + 1):  # the first warms the connection
-            t0 = time.perf_counter()
-            n = sum(len(c) for c in get(b""))
-            times.append(time.perf_counter() - t0)
-            assert n == len(payload)
-    ready["loop"].call_soon_threadsafe(ready["stop"].set)
-    thread.join(10)
+    try:
+        with grpc.insecure_channel(addr, options=RAW_OPTS) as ch:
+            get = ch.unary_stream("/raw.Raw/Get")
+            for _ in range(repeats + 1):  # the first warms the connection
+                t0 = time.perf_counter()
+                n = sum(len(c) for c in get(b""))
+                times.append(time.perf_counter() - t0)
+                assert n == len(payload)
+    finally:
+        _stop(proc)
+        payload_file.unlink(missing_ok=True)
     return times[1:]
 
 
@@ -125,20 +165,20 @@ def _floors(work: Path, payload: bytes, repeats: int) -> dict[str, float]:
 def _transfer_seconds(
     work: Path, payload: bytes, repeats: int, adopt: list[float] | None = None
 ) -> list[float]:
-    from memfed.crypto.identity import init_identity
+    """Node B (this process) pulls from node A (`memfed node serve`, its own process) with the catalog
+    and token from the registry (`memfed registry serve`, its own process): the layout of a real
+    network, so the holder's sealing and the receiver's checks do not share one interpreter lock."""
+    import json
+
+    from memfed.crypto.identity import init_identity, load_public_identity
     from memfed.crypto.signing import sign_manifest
     from memfed.cube.digest import payload_digest
     from memfed.cube.manifest import new_manifest
-    from memfed.mip.v1 import registry_service_pb2 as rpb
-    from memfed.node.service import BackgroundServer, Node, NodeServer
-    from memfed.node.service.capability import CapabilityAuthorizer
-    from memfed.node.service.sealed import SealedSource
     from memfed.node.service.sync import Syncer
     from memfed.node.store import CubeStore
     from memfed.node.tiny_models import save_tiny_model_dir
     from memfed.registry import pki
-    from memfed.registry.core import Registry
-    from memfed.registry.service import BackgroundRegistry, RegistryServer
+    from memfed.registry.node_identity import identity_message
     from memfed.registry.tls import TlsFiles
     from memfed.registry_client import RegistryClient
 
@@ -159,53 +199,55 @@ def _transfer_seconds(
     for name in ("registry", "node-a", "node-b"):
         pki.issue(d, name)
     ids = {n: init_identity(work / f"id-{n}", name=n) for n in ("node-a", "node-b")}
-    reg = Registry.open(work / "reg", ca_pem=(d / "ca.pem").read_bytes())
-    reg_bg = BackgroundRegistry(RegistryServer(reg, tls=TlsFiles.from_dir(d / "registry")))
-    reg_addr = reg_bg.start()
-    model = save_tiny_model_dir("llama", work / "tiny", seed=1)
-    node = Node.open(model, work / "store-a", node_id="node-a")
-    tls_a, tls_b = TlsFiles.from_dir(d / "node-a"), TlsFiles.from_dir(d / "node-b")
-    ra = RegistryClient(reg_addr, tls=tls_a, registry_key=reg.public_key)
-    rb = RegistryClient(reg_addr, tls=tls_b, registry_key=reg.public_key)
-    sealer = SealedSource(node, ids["node-a"], ra.get_node, work / "sealed-a")
-    server = NodeServer(
-        node,
-        credentials=tls_a.server_credentials(),
-        authorizer=CapabilityAuthorizer(reg.token_verifier(), node_id="node-a"),
-        sealer=sealer,
+    m = new_manifest(
+        cube_id="bench_cube",
+        version="1.0.0",
+        kind="plaintext",
+        digest=payload_digest(payload),
+        size_bytes=len(payload),
+        owner="node-a",
     )
-    bg = BackgroundServer(server)
-    addr = bg.start()
+    with CubeStore(work / "store-a") as store_a:  # A holds the cube before it starts
+        store_a.put(m, payload)
+    model = save_tiny_model_dir("llama", work / "tiny", seed=1)
+    memfed = [sys.executable, "-m", "memfed.cli.main"]
+    procs: list[subprocess.Popen[bytes]] = []
     times = []
+    rb = None
     try:
-        for n, c in (("node-a", tls_a), ("node-b", tls_b)):
-            pub = ids[n].public
-            client = ra if n == "node-a" else rb
-            client.register(
-                rpb.NodeIdentity(
-                    node_id=n,
-                    certificate_pem=c.cert.read_bytes(),
-                    signing_public_key=pub.signing_key.public_bytes_raw(),
-                    kem_public_key=pub.x25519_key.public_bytes_raw(),
-                    kem_suite=pub.suite.value,
-                    fingerprint=pub.fingerprint,
-                    address=addr if n == "node-a" else "",
-                )
-            )
-        m = new_manifest(
-            cube_id="bench_cube",
-            version="1.0.0",
-            kind="plaintext",
-            digest=payload_digest(payload),
-            size_bytes=len(payload),
-            owner="node-a",
-        )
-        node.store.put(m, payload)
-        ra.publish(sign_manifest(m, ids["node-a"]), "node-a")
-        ra.grant("bench_cube", "node:node-b", ["export"])
+        reg, reg_addr = _spawn(
+            [*memfed, "registry", "serve", "--dir", str(work / "reg"), "--tls", str(d / "registry"),
+             "--port", "0", "--port-file", str(work / "reg.port")],
+            work / "reg.port", work / "reg.log",
+        )  # fmt: skip
+        procs.append(reg)
+        key_file = work / "reg" / "key" / "identity.pub.json"
+        with open(work / "node-a.log", "wb") as log:
+            node_a = subprocess.Popen(
+                [*memfed, "node", "serve", "--model", str(model), "--store", str(work / "store-a"),
+                 "--port", "0", "--json", "--tls", str(d / "node-a"), "--registry", reg_addr,
+                 "--registry-key", str(key_file), "--identity", str(work / "id-node-a"),
+                 "--kv-cache-mb", "0"],
+                stdout=subprocess.PIPE, stderr=log,
+                env={**os.environ, "MEMFED_HOME": str(work / "home"), "TOKENIZERS_PARALLELISM": "false"},
+            )  # fmt: skip
+        procs.append(node_a)
+        assert node_a.stdout is not None
+        lines: list[str] = []
+        while not lines or lines[-1].rstrip() != "}":
+            line = node_a.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"node A did not start: {(work / 'node-a.log').read_text()[-2000:]}")
+            lines.append(line)
+        json.loads("".join(lines))
+        reg_key = load_public_identity(key_file).signing_key
+        tls_a, tls_b = TlsFiles.from_dir(d / "node-a"), TlsFiles.from_dir(d / "node-b")
+        with RegistryClient(reg_addr, tls=tls_a, registry_key=reg_key) as ra:
+            ra.publish(sign_manifest(m, ids["node-a"]), "node-a")
+            ra.grant("bench_cube", "node:node-b", ["export"])
+        rb = RegistryClient(reg_addr, tls=tls_b, registry_key=reg_key)
+        rb.register(identity_message(ids["node-b"].public, tls_b.cert.read_bytes(), "node-b"))
         for i in range(repeats + 1):
-            shutil.rmtree(work / "sealed-a", ignore_errors=True)
-            (work / "sealed-a").mkdir()
             with _TimedStore(work / f"store-b-{i}") as store_b:
                 syncer = Syncer(
                     store=store_b,
@@ -224,12 +266,10 @@ def _transfer_seconds(
                     adopt.extend(store_b.adopt_seconds)
             shutil.rmtree(work / f"store-b-{i}", ignore_errors=True)
     finally:
-        bg.stop()
-        node.close()
-        ra.close()
-        rb.close()
-        reg_bg.stop()
-        reg.close()
+        if rb is not None:
+            rb.close()
+        for p in reversed(procs):
+            _stop(p)
     return times[1:]
 
 
@@ -412,15 +452,17 @@ def _load(work: Path, clients: int, seconds: float) -> dict[str, float]:
 
 
 def run(*, quick: bool = False) -> BenchResult:
-    """Measure; see the module docstring. ``quick``: 2 repetitions, 2,000 cubes, 10 s of load."""
+    """Measure; see the module docstring. ``quick``: 2 repetitions, 2,000 cubes, 10 s of load.
+    ``MEMFED_BENCH_SYNC_ONLY=transfer`` runs the transfer part alone (for iterating on it)."""
     repeats = 2 if quick else 5
+    only = os.environ.get("MEMFED_BENCH_SYNC_ONLY", "")
     parent = bench_dir()
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sync-", dir=parent))
     result = BenchResult()
     try:
         payload = os.urandom(SIZE)
-        raw = _raw_grpc_seconds(payload, repeats)
+        raw = _raw_grpc_seconds(work, payload, repeats)
         adopt: list[float] = []
         ours = _transfer_seconds(work, payload, repeats, adopt)
         result.metrics.update(_floors(work, payload, repeats))
@@ -432,6 +474,26 @@ def run(*, quick: bool = False) -> BenchResult:
         result.metrics["transfer_gbps"] = SIZE / statistics.median(ours) / 1e9
         result.metrics["raw_grpc_gbps"] = SIZE / statistics.median(raw) / 1e9
         result.ratios["transfer_vs_raw_grpc"] = statistics.median(raw) / statistics.median(ours)
+        result.metrics["load_average_1m"] = os.getloadavg()[0]
+        result.baseline = {
+            "transfer": "raw grpc.aio server stream (grpcio) in its own process, no TLS, identity "
+            "serializers, 1 MiB messages, read by a sync client in the bench process that only counts "
+            f"bytes; same 64 MiB, same run, median of {repeats} after one warm-up",
+            "ours": "node B (the bench process) pulls from node A (`memfed node serve`, its own process) "
+            "with the registry (`memfed registry serve`) as a third process, all mutual TLS; timed from "
+            "the catalog lookup and capability token on: B asks the registry for A's identity, A seals "
+            "the stored plaintext cube for B on the fly (HPKE X25519 header, made once per recipient "
+            "and kept in A's memory so a resume continues the same stream; AES-256-GCM over every 1 MiB "
+            "chunk on every pull, no sealed copy on disk), B checks the header (signature, catalog), "
+            "authenticates each chunk before keeping it, appends its plaintext to a resumable partial "
+            "file while hashing it (SHA-256 + XXH3-128), checks the digest and adopts the file into "
+            "its store (fsync, rename, index row: the payload is written once); a fresh store for B "
+            f"every pull; median of {repeats} after one warm-up pull (which also builds A's header)",
+            "floors": "fresh 64 MiB file written in 1 MiB writes + fsync; hashlib.sha256 over 64 MiB; "
+            f"median of {repeats}, same run",
+        }
+        if only == "transfer":
+            return result
         cubes = 2_000 if quick else 10_000
         lat = _authorize_ms(work, cubes, 1_000, 2_000)
         result.metrics["authorize_cubes"] = float(cubes)
@@ -441,22 +503,19 @@ def run(*, quick: bool = False) -> BenchResult:
         floor = _sqlite_floor_ms(work, 2_000)
         result.metrics["sqlite_commit_floor_p50_ms"] = _pct(floor, 0.5)
         result.metrics["sqlite_commit_floor_p99_ms"] = _pct(floor, 0.99)
-        result.metrics["load_average_1m"] = os.getloadavg()[0]
         result.metrics.update(_load(work, 200, 10.0 if quick else 60.0))
-        result.baseline = {
-            "transfer": "raw grpc.aio server stream (grpcio), no TLS, identity serializers, 1 MiB messages, "
-            "sync client counting bytes; same 64 MiB, same process and run, median of "
-            f"{repeats} after one warm-up",
-            "ours": "sealed (HPKE X25519 + AES-256-GCM, 1 MiB chunks, re-sealed each run), mutual TLS, "
-            "capability token, per-chunk authentication, plaintext appended to a resumable partial file "
-            "while hashed (SHA-256 + XXH3-128), signature/catalog/digest checks, adopted into the store "
-            "by fsync + rename (the payload is written once)",
-            "floors": "fresh 64 MiB file written in 1 MiB writes + fsync; hashlib.sha256 over 64 MiB; "
-            f"median of {repeats}, same run",
-            "authorize": "Registry.is_allowed on SQLite (WAL), one audit append + commit per call",
-            "load": "registry process with mutual TLS; 200 grpc.aio clients, one channel each, "
-            "alternating LookupVersions and IssueToken",
-        }
+        result.baseline["authorize"] = (
+            "Registry.is_allowed on SQLite (WAL), one audit append + commit per call"
+        )
+        result.baseline["load"] = (
+            "registry process with mutual TLS; 200 grpc.aio clients, one channel each, "
+            "alternating LookupVersions and IssueToken"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+if __name__ == "__main__":  # the baseline's server process (see _raw_server_main)
+    if sys.argv[1:2] == ["raw-server"]:
+        _raw_server_main(sys.argv[2], sys.argv[3])

@@ -41,7 +41,7 @@ from memfed.errors import (
     PermissionDeniedError,
     UnsupportedError,
 )
-from memfed.mip.v1 import cube_pb2, envelope_pb2, node_service_pb2
+from memfed.mip.v1 import cube_pb2, node_service_pb2
 from memfed.mip.v1 import registry_service_pb2 as rpb
 from memfed.registry.tls import peer_of
 
@@ -63,6 +63,15 @@ def public_identity_of(ident: rpb.NodeIdentity) -> PublicIdentity:
         x25519.X25519PublicKey.from_public_bytes(ident.kem_public_key),
         name=ident.node_id,
     )
+
+
+def _chunk_message(index: int, data: bytes, last: bool) -> pb.CubeStreamMessage:
+    """One sealed chunk as a stream message, its bytes copied once (a ``Chunk`` passed to the
+    message's constructor would be copied a second time)."""
+    msg = pb.CubeStreamMessage()
+    c = msg.chunk
+    c.index, c.data, c.last = index, data, last
+    return msg
 
 
 class SealedSource:
@@ -133,9 +142,7 @@ class SealedSource:
             for i in range(resume_from, e.chunk_count):
                 n = chunk_plain_len(i, e.plaintext_size, e.chunk_size) + TAG_BYTES
                 chunk = await asyncio.to_thread(f.read, n)
-                yield pb.CubeStreamMessage(
-                    chunk=envelope_pb2.Chunk(index=i, data=chunk, last=i == e.chunk_count - 1)
-                )
+                yield _chunk_message(i, chunk, i == e.chunk_count - 1)
         finally:
             f.close()
 
@@ -192,20 +199,30 @@ class SealedSource:
             inbuf, outbuf = memoryview(bytearray(cs)), memoryview(bytearray(cs + TAG_BYTES))
             f.seek(resume_from * cs)
 
-            def seal(i: int) -> bytes:
+            def seal(i: int) -> pb.CubeStreamMessage:
                 n = chunk_plain_len(i, e.plaintext_size, cs)
                 got = f.readinto(inbuf[:n])
                 if got != n:
                     raise IntegrityError(
                         f"the stored payload of {m.cube_id}@{m.version} is shorter than its manifest"
                     )
-                return bytes(enc.encrypt_into(i, i == e.chunk_count - 1, inbuf[:n], outbuf))
+                last = i == e.chunk_count - 1
+                data = bytes(enc.encrypt_into(i, last, inbuf[:n], outbuf))
+                return _chunk_message(i, data, last)
 
-            for i in range(resume_from, e.chunk_count):
-                data = await asyncio.to_thread(seal, i)
-                yield pb.CubeStreamMessage(
-                    chunk=envelope_pb2.Chunk(index=i, data=data, last=i == e.chunk_count - 1)
-                )
+            # Chunk i+1 is read and sealed on a worker thread while chunk i is being sent (one ahead:
+            # ``seal`` reuses its buffers, and each message owns a copy of its bytes).
+            ahead: asyncio.Future[pb.CubeStreamMessage] | None = None
+            try:
+                for i in range(resume_from, e.chunk_count):
+                    msg = await (ahead if ahead is not None else asyncio.to_thread(seal, i))
+                    ahead = None
+                    if i + 1 < e.chunk_count:
+                        ahead = asyncio.ensure_future(asyncio.to_thread(seal, i + 1))
+                    yield msg
+            finally:
+                if ahead is not None:  # the caller went away mid-stream: let the read finish first
+                    await asyncio.gather(ahead, return_exceptions=True)
         finally:
             f.close()
 

@@ -84,6 +84,8 @@ log = logging.getLogger("memfed.node.sync")
 HEADER_SUFFIX = ".header"
 PAYLOAD_SUFFIX = ".payload.part"
 # A transfer refused for its content (not cut): its partial files are useless, the next try starts over.
+# Plaintext buffers of a transfer: chunks being written or hashed, plus the one being handed over.
+_BUFFERS = 4
 _REFUSALS = (IntegrityError, IncompatibleModelError, UnsupportedError, InvalidArgumentError)
 
 
@@ -258,23 +260,46 @@ class Syncer:
         if start:
             _rehash_kept(fd, start * cs, cs, (sha, xxh), fmt)
         dec = StreamDecryptor(opened.content_key, e.stream_id, header_hash(opened.header_bytes))
-        outs = [memoryview(bytearray(cs)) for _ in range(3)]
+        outs = [memoryview(bytearray(cs)) for _ in range(_BUFFERS)]
+        # Two workers, each running its jobs in order: the writer authenticates chunk i (raises unless
+        # authentic), then appends its plaintext — so the file stays a prefix of verified chunks — and
+        # hands it to the hasher, which hashes it while the writer goes on with chunk i+1 and chunk i+2
+        # arrives (SHA-256, AES-GCM and the write each run on their own core where there is one:
+        # hashlib, the AEAD and os.write release the GIL on large buffers). The hashes cover exactly
+        # what was written, in order. A plaintext buffer is reused only once its chunk is written and
+        # hashed (at most _BUFFERS - 1 chunks are outstanding when the next one is handed over).
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
+        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-hash")
 
-        def keep(index: int, last: bool, data: bytes) -> None:
-            # Authenticate first (raises unless authentic), then append and hash the plaintext: the
-            # file stays a prefix of verified chunks, and the hashes cover exactly what was written.
-            plain = dec.decrypt_into(index, last, memoryview(data), outs[index % 3])
+        def hash_plain(plain: memoryview) -> None:
+            sha.update(plain)
+            xxh.update(plain)
+
+        def keep(index: int, last: bool, data: bytes) -> Future[None]:
+            plain = dec.decrypt_into(index, last, memoryview(data), outs[index % _BUFFERS])
             if fmt is not None:
                 fmt.feed(plain)
             _write_all(fd, plain)
-            sha.update(plain)  # hashlib and xxhash release the GIL on large buffers
-            xxh.update(plain)
+            return hasher.submit(hash_plain, plain)
 
-        # One worker authenticates, appends and hashes chunk i while chunk i+1 arrives; it runs jobs in
-        # order, and at most two are in flight (so a plaintext buffer is reused only once its chunk is
-        # written and hashed).
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
-        pending: deque[Future[None]] = deque()
+        writing: deque[Future[Future[None]]] = deque()  # chunks being authenticated and written
+        hashing: deque[Future[None]] = deque()  # chunks written, being hashed (all older than writing)
+
+        def settle(limit: int) -> None:
+            """Retire finished chunks (raising their errors); wait on the oldest while more than
+            ``limit`` are outstanding."""
+            while True:
+                if writing and writing[0].done():
+                    hashing.append(writing.popleft().result())
+                elif hashing and hashing[0].done():
+                    hashing.popleft().result()
+                elif len(writing) + len(hashing) <= limit:
+                    return
+                elif hashing:
+                    hashing.popleft().result()
+                else:
+                    hashing.append(writing.popleft().result())
+
         received = 0
         expect = start
         try:
@@ -286,19 +311,19 @@ class Syncer:
                     )
                 last = expect == e.chunk_count - 1
                 size = chunk_plain_len(expect, e.plaintext_size, cs) + TAG_BYTES
-                if c.last != last or len(c.data) != size:
+                data = c.data
+                if c.last != last or len(data) != size:
                     raise IntegrityError(f"chunk {expect} has the wrong size or last flag")
-                pending.append(writer.submit(keep, expect, last, c.data))
-                while len(pending) > 2 or (pending and pending[0].done()):
-                    pending.popleft().result()
+                settle(_BUFFERS - 1)
+                writing.append(writer.submit(keep, expect, last, data))
                 expect += 1
                 received += 1
                 if self.chunk_delay_s:
                     time.sleep(self.chunk_delay_s)
-            while pending:
-                pending.popleft().result()
+            settle(0)
         finally:
-            writer.shutdown(wait=True, cancel_futures=True)
+            writer.shutdown(wait=True, cancel_futures=True)  # first: its jobs hand work to the hasher
+            hasher.shutdown(wait=True, cancel_futures=True)
         if expect != e.chunk_count:
             raise UnavailableError(
                 f"the transfer of {ref_string(m)} stopped at chunk {expect} of {e.chunk_count}",
