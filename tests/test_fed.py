@@ -7,6 +7,7 @@ directly with the same RecordDicts Flower would carry, so each rule is checked q
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -257,3 +258,131 @@ def test_warm_worker_runs_only_memfeds_client_app(tmp_path: Path) -> None:
         z.writestr("pyproject.toml", tomli_w.dumps(other))
     assert fab_client_app(fab.read_bytes()) == "evil.app:app"
     assert fab_client_app(b"not a zip") == ""
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a ServerApp process has set before it creates messages (run, node and task ids)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class _InProcessGrid:
+    """A Grid answering in this process with the real node functions (what the engine would carry)."""
+
+    def __init__(self, fed: Federation, names: list[str]) -> None:
+        self.setups = {i: _setup(fed, n) for i, n in enumerate(names, start=1)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.setups)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import Message, MessageType
+
+        out = []
+        for msg in messages:
+            setup = self.setups[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == MessageType.QUERY:
+                content = hello_content(setup, msg.content)
+            else:
+                content = train_round(setup, msg.content)
+            reply = Message(content, reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = msg.metadata.dst_node_id
+            out.append(reply)
+        return out
+
+
+class _SlowPublisher:
+    """Publishes through ``inner`` on whatever thread calls it, slowly, failing at ``fail_at`` (1-based)."""
+
+    def __init__(self, inner: LocalAuthority, fail_at: int = 0) -> None:
+        self.inner, self.fail_at, self.calls = inner, fail_at, []  # type: ignore[var-annotated]
+
+    def current(self, cube_id: str):  # type: ignore[no-untyped-def]
+        return self.inner.current(cube_id)
+
+    def publish(self, cube):  # type: ignore[no-untyped-def]
+        import threading
+        import time
+
+        from memfed.errors import UnavailableError
+
+        time.sleep(0.2)
+        self.calls.append((cube.manifest.version, threading.current_thread().name))
+        if len(self.calls) == self.fail_at:
+            raise UnavailableError("the store is gone")
+        return self.inner.publish(cube)
+
+
+def _versions_after(version: str, n: int) -> list[str]:
+    from memfed.fed.authority import next_version
+
+    out = []
+    for _ in range(n):
+        version = next_version(version)
+        out.append(version)
+    return out
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_start_publishes_in_background_in_order_on_the_right_base(fed: Federation, tmp_path: Path) -> None:
+    from memfed.fed.wire import factors_to_record
+
+    store = tmp_path / "store"
+    authority = LocalAuthority(store, fed.grants)
+    authority.publish(LocalAuthority(fed.store, fed.grants).current(CUBE_ID))
+    publisher = _SlowPublisher(authority)
+    strategy = SharedCubeStrategy(authority, publisher, CUBE_ID, train=TRAIN, min_nodes=2)
+    first = strategy.current
+    bases = []
+    open_round = strategy.open_round
+
+    def spy(server_round, admitted):  # type: ignore[no-untyped-def]
+        bases.append(strategy.current.manifest.digest)
+        return open_round(server_round, admitted)
+
+    strategy.open_round = spy  # type: ignore[method-assign]
+    initial = factors_to_record(cube_factors(first))
+    strategy.start(_InProcessGrid(fed, ["alice", "bob"]), initial_arrays=initial, num_rounds=3)  # type: ignore[arg-type]
+    versions = _versions_after(first.manifest.version, 3)
+    assert [v for v, _ in publisher.calls] == versions
+    assert all(t.startswith("memfed-publish") for _, t in publisher.calls)  # off the round's path
+    assert [r.version for r in strategy.reports] == versions
+    with CubeStore(store) as s:
+        cubes = [s.get(CUBE_ID, v) for v in (first.manifest.version, *versions)]
+    # every round trained on the previous round's aggregate, and the chain names each parent's digest
+    assert bases == [c.manifest.digest for c in cubes[:3]]
+    for parent, child in itertools.pairwise(cubes):
+        assert list(child.manifest.version_chain)[-1] == parent.manifest.digest
+    assert strategy.current.manifest.digest == cubes[-1].manifest.digest
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_failed_background_publish_fails_the_run(fed: Federation, tmp_path: Path) -> None:
+    from memfed.errors import UnavailableError
+    from memfed.fed.wire import factors_to_record
+
+    authority = LocalAuthority(tmp_path / "store", fed.grants)
+    authority.publish(LocalAuthority(fed.store, fed.grants).current(CUBE_ID))
+    publisher = _SlowPublisher(authority, fail_at=1)
+    strategy = SharedCubeStrategy(authority, publisher, CUBE_ID, train=TRAIN, min_nodes=2)
+    initial_version = strategy.current.manifest.version
+    initial = factors_to_record(cube_factors(strategy.current))
+    grid = _InProcessGrid(fed, ["alice", "bob"])
+    with pytest.raises(UnavailableError, match="the store is gone"):
+        strategy.start(grid, initial_arrays=initial, num_rounds=3)  # type: ignore[arg-type]
+    failed = _versions_after(initial_version, 1)[0]
+    assert [v for v, _ in publisher.calls] == [failed]  # nothing published after the failure
+    assert strategy.reports[0].version is None
+    assert len(strategy.reports) <= 2  # the run stopped at the next round at the latest
+    with CubeStore(tmp_path / "store") as s:
+        assert not s.has(CUBE_ID, failed)
+    # a run whose last publish fails raises too
+    authority2 = LocalAuthority(tmp_path / "store2", fed.grants)
+    authority2.publish(LocalAuthority(fed.store, fed.grants).current(CUBE_ID))
+    strategy = SharedCubeStrategy(authority2, _SlowPublisher(authority2, fail_at=1), CUBE_ID, train=TRAIN)
+    with pytest.raises(UnavailableError):
+        strategy.start(grid, initial_arrays=initial, num_rounds=1)  # type: ignore[arg-type]
+    assert strategy.reports[0].version is None

@@ -19,6 +19,9 @@
   phrasings, greedy decoding) on the embedded default model after R rounds: exact (stack) vs FedIT vs
   each node alone (a federation of one; mean and best of the nodes); the nodes hold disjoint documents.
 - ``metrics.sim_*``: one round of a ``sim_nodes``-node federation on Flower's simulation engine (Ray).
+
+``MEMFED_BENCH_FED_ONLY=rounds`` (or ``python -m memfed.bench.fed rounds [--quick]``) runs only the
+whole-round comparison, for iterating on the round's overhead; the other figures are then left out.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ ACC_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def run(*, quick: bool = False) -> BenchResult:
+    if os.environ.get("MEMFED_BENCH_FED_ONLY", "") == "rounds":
+        return run_rounds(quick=quick)
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -91,8 +96,10 @@ def run(*, quick: bool = False) -> BenchResult:
         update_bytes = sum(len(a.data) for a in replies[0][1].array_records[UPDATE_KEY].values())
         adapter_bytes = sum(int(a.numel()) * 4 + int(b.numel()) * 4 for a, b in updates[0].values())
 
-        round_nodes, round_count, round_repeats = (3, 4, 1) if quick else (4, 9, 2)
-        rounds = whole_rounds(root / "rounds", model, round_nodes, round_count, train, repeats=round_repeats)
+        round_train, round_nodes, round_count, round_repeats = _round_settings(quick)
+        rounds = whole_rounds(
+            root / "rounds", model, round_nodes, round_count, round_train, repeats=round_repeats
+        )
 
         curves: dict[str, list[float]] = {}
         acc_rounds = 2 if quick else 5
@@ -125,13 +132,7 @@ def run(*, quick: bool = False) -> BenchResult:
         },
         baseline={
             "name": "Flower FedAvg strategy (flwr 1.42 Message API), simulation engine",
-            "round": (
-                f"FedAvg(fraction_train=1, fraction_evaluate=0) on {round_nodes} virtual nodes, "
-                f"{round_repeats} runs of {round_count} rounds each alternating with ours, median of "
-                f"rounds 2..{round_count} of every run; the same ClientApp training "
-                f"(train_update, rank {train.rank}, {train.steps} steps, batch {train.batch_size}) "
-                "returning the same rank-r factor arrays, the same Grid (0.1 s polls), 1 CPU a worker"
-            ),
+            "round": _round_baseline(round_train, round_nodes, round_count, round_repeats),
             "round_s": fedavg_round,
             "round_first_s": rounds["fedavg_first_round_s"],
             "round_configure_s": rounds["fedavg_configure_s"],
@@ -154,6 +155,54 @@ def run(*, quick: bool = False) -> BenchResult:
             "acc_exact_vs_node_alone_mean": _ratio(acc["acc_exact"], acc["acc_alone_mean"]),
         },
         series={"accuracy": {"round": list(range(1, acc_rounds + 1)), **curves}},
+    )
+
+
+def _round_settings(quick: bool) -> tuple[Any, int, int, int]:
+    """(train settings, nodes, rounds, runs) of the whole-round comparison."""
+    from memfed.fed.strategy import TrainSettings
+
+    nodes, rounds, runs = (3, 4, 1) if quick else (4, 9, 2)
+    return TrainSettings(rank=4, steps=5, batch_size=8), nodes, rounds, runs
+
+
+def _round_baseline(train: Any, nodes: int, rounds: int, runs: int) -> str:
+    from memfed.fed.grid import PollingGrid
+
+    return (
+        f"FedAvg(fraction_train=1, fraction_evaluate=0) on {nodes} virtual nodes, "
+        f"{runs} runs of {rounds} rounds each alternating with ours, median of "
+        f"rounds 2..{rounds} of every run; the same ClientApp training "
+        f"(train_update, rank {train.rank}, {train.steps} steps, batch {train.batch_size}) "
+        "returning the same rank-r factor arrays, the same Grid "
+        f"({PollingGrid.DEFAULT_POLL_S:g} s polls), 1 CPU a worker"
+    )
+
+
+def run_rounds(*, quick: bool = False, runs: int | None = None) -> BenchResult:
+    """Only the whole-round comparison (ours vs Flower's FedAvg on the simulation engine)."""
+    from memfed.node.tiny_models import save_tiny_model_dir
+
+    train, nodes, count, default_runs = _round_settings(quick)
+    runs = runs or default_runs
+    with tempfile.TemporaryDirectory(prefix="memfed-bench-fed-") as tmp:
+        model = str(save_tiny_model_dir("llama", Path(tmp) / "model"))
+        r = whole_rounds(Path(tmp) / "rounds", model, nodes, count, train, repeats=runs)
+    parts = {"round": "round", "round_first": "first_round", "round_configure": "configure"}
+    parts |= {"round_wait": "wait", "round_aggregate": "aggregate"}
+    return BenchResult(
+        metrics={
+            **{f"{k}_s": r[f"ours_{p}_s"] for k, p in parts.items()},
+            "rounds_measured": r["ours_rounds_measured"],
+        },
+        baseline={
+            "name": "Flower FedAvg strategy (flwr 1.42 Message API), simulation engine",
+            "round": _round_baseline(train, nodes, count, runs),
+            **{f"{k}_s": r[f"fedavg_{p}_s"] for k, p in parts.items()},
+            "cpus": os.cpu_count(),
+            "loadavg": list(os.getloadavg()),
+        },
+        ratios={"round_overhead_vs_flower_fedavg": _ratio(r["ours_round_s"], r["fedavg_round_s"])},
     )
 
 
@@ -424,3 +473,16 @@ def accuracy(
         "acc_steps_per_round": float(steps),
         "acc_seconds": time.perf_counter() - t0,
     }
+
+
+if __name__ == "__main__":  # python -m memfed.bench.fed rounds [--quick] [--runs N]
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m memfed.bench.fed")
+    parser.add_argument("part", choices=["rounds"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--runs", type=int, default=0)
+    args = parser.parse_args()
+    res = run_rounds(quick=args.quick, runs=args.runs or None)
+    print(json.dumps({"metrics": res.metrics, "baseline": res.baseline, "ratios": res.ratios}, indent=1))

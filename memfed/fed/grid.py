@@ -3,8 +3,11 @@
 Flower 1.42's ``GrpcGrid``/``HttpGrid.send_and_receive`` pushes the messages and then pulls the replies
 every 3 seconds, so every message exchange of a round (the admission query, the training round) ends up
 to 3 s after the last reply arrived. A pull is one cheap call to the SuperLink, so polling every
-``poll_s`` (0.1 s by default) costs nothing and shortens each round by about 1.5 s on average. Every
-other call goes to the wrapped Grid unchanged, so the strategy runs on either engine.
+``poll_s`` (0.02 s by default: 50 small calls a second while a round trains) costs nothing and shortens
+each round by about 1.5 s on average. At 0.1 s the wait still ended up to 0.1 s after the last reply,
+a third of a short round on the simulation engine (``memfed bench fed``: 0.30 s -> 0.20 s a round, for
+ours and Flower's FedAvg alike). Every other call goes to the wrapped Grid unchanged, so the strategy
+runs on either engine.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from flwr.serverapp import Grid
 class PollingGrid(Grid):
     """Delegates to ``inner``; only ``send_and_receive`` differs (it polls every ``poll_s`` seconds)."""
 
-    def __init__(self, inner: Grid, poll_s: float = 0.1) -> None:
-        self.inner, self.poll_s = inner, poll_s
+    DEFAULT_POLL_S = 0.02
+
+    def __init__(self, inner: Grid, poll_s: float | None = None) -> None:
+        self.inner, self.poll_s = inner, self.DEFAULT_POLL_S if poll_s is None else poll_s
 
     def set_run(self, run):  # type: ignore[no-untyped-def]  # flwr's Run
         self.inner.set_run(run)

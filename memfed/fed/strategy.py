@@ -14,6 +14,13 @@ Per round:
    the exact aggregate (``memfed.fed.aggregate``) is published as the next version, its origin naming the
    round, the method, the weights and the contributing nodes; otherwise nothing is published.
 
+Under ``start`` (Flower's round loop) publishing (the store's fsync'd put, the registry's record) runs
+on one background thread while the next round trains: the next round's base is the aggregate itself
+(``current``, its digest in every ticket), so nodes never wait for the disk. Publishes stay in round
+order (one thread, and each waits for the one before), the next round does not open while an earlier
+publish failed, and ``start`` returns only after the last one finished: a failed publish raises out of
+the run, its round's report set to no version.
+
 Client-side clipping and noise (``TrainSettings.dp_clip``/``dp_noise``) are applied by each node to
 what it releases, before it signs it: ``memfed.fed.privacy`` says what that guarantees and what not.
 
@@ -43,12 +50,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from memfed.cube.build import lora_cube
 from memfed.cube.core import MemCube
@@ -146,6 +155,56 @@ class SharedCubeStrategy(Strategy):
         self.tickets: dict[int, RoundTicket] = {}
         self.reports: list[RoundReport] = []
         self._pending: list[Rejection] = []
+        self._shared: tuple[str, ArrayRecord] | None = None  # (digest, record) of ``current``'s factors
+        self._publisher_pool: ThreadPoolExecutor | None = None  # only while ``start`` runs the rounds
+        self._publishing: tuple[Future, RoundReport] | None = None
+
+    # -- the round loop, with publishing off the critical path -------------------------------------
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args: Any, **kwargs: Any) -> Result:
+        """Flower's round loop (``Strategy.start``), each round's publish overlapping the next round.
+
+        Returns once every publish finished; a failed one raises here (or at the next round)."""
+        self._publisher_pool = ThreadPoolExecutor(1, thread_name_prefix="memfed-publish")
+        try:
+            try:
+                result = super().start(grid, initial_arrays, *args, **kwargs)
+            except BaseException:
+                self._settle(raise_error=False)  # the run's own error wins; a publish error is logged
+                raise
+            self._settle()
+            return result
+        finally:
+            self._publisher_pool.shutdown(wait=True)
+            self._publisher_pool = None
+
+    def _settle(self, *, raise_error: bool = True) -> None:
+        """Wait for the publish in flight; on failure mark its round unpublished and raise (or log)."""
+        if self._publishing is None:
+            return
+        future, report = self._publishing
+        self._publishing = None
+        exc = future.exception()
+        if exc is None:
+            return
+        log.error("round %d: publishing %s failed: %s", report.server_round, report.version, exc)
+        report.version = None
+        if raise_error:
+            raise exc
+
+    def _publish(self, cube: MemCube, report: RoundReport) -> None:
+        """Publish ``cube`` now, or (under ``start``) on the publish thread after the previous one."""
+        self._settle()
+        if self._publisher_pool is None:
+            self.publisher.publish(cube)
+            return
+        publish: Callable[[MemCube], object] = self.publisher.publish
+        self._publishing = (self._publisher_pool.submit(publish, cube), report)
+
+    def _check_publishing(self) -> None:
+        """Raise a failed background publish before opening another round on its version."""
+        if self._publishing is not None and self._publishing[0].done():
+            self._settle()
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -209,6 +268,7 @@ class SharedCubeStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._check_publishing()
         self._pending = []
         admitted = self.admit(grid, self._wait_for_nodes(grid))
         contents = self.open_round(server_round, admitted)
@@ -219,7 +279,7 @@ class SharedCubeStrategy(Strategy):
         """The TRAIN content for each admitted node: the shared cube and the node's own round ticket."""
         self.tickets = {}
         contents = {}
-        shared = factors_to_record(cube_factors(self.current))
+        shared = self.shared_record()
         for node in admitted:
             ticket = RoundTicket(self.cube_id, self.current.manifest.digest, server_round, os.urandom(16))
             self.tickets[node] = ticket
@@ -242,6 +302,13 @@ class SharedCubeStrategy(Strategy):
             )
             contents[node] = RecordDict({GLOBAL_KEY: shared, CONFIG_KEY: cfg})
         return contents
+
+    def shared_record(self) -> ArrayRecord:
+        """The current cube's factors as the ArrayRecord sent to every node (encoded once a version)."""
+        digest = self.current.manifest.digest
+        if self._shared is None or self._shared[0] != digest:
+            self._shared = (digest, factors_to_record(cube_factors(self.current)))
+        return self._shared[1]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -308,8 +375,6 @@ class SharedCubeStrategy(Strategy):
         before = cube_factors(self.current)
         error = aggregation_error(before, agg.factors, updates, agg.weights) if self.check_exact else None
         cube = self._next_cube(server_round, agg.factors, accepted, agg.weights, agg.truncation_error)
-        self.publisher.publish(cube)
-        self.current = cube
         report = RoundReport(
             server_round,
             cube.manifest.version,
@@ -318,10 +383,13 @@ class SharedCubeStrategy(Strategy):
             rejected,
             agg.truncation_error,
             error,
-            time.perf_counter() - t0,
+            0.0,
         )
+        self._publish(cube, report)
+        self.current = cube  # the next round trains on it, published or (under ``start``) publishing
+        report.seconds = time.perf_counter() - t0
         self.reports.append(report)
-        log.info("round %d: published %s from %s", server_round, cube.ref, report.contributors)
+        log.info("round %d: publishing %s from %s", server_round, cube.ref, report.contributors)
         metrics = MetricRecord(
             {
                 "accepted": len(accepted),
@@ -330,7 +398,7 @@ class SharedCubeStrategy(Strategy):
                 "truncation-error": agg.truncation_error,
             }
         )
-        return factors_to_record(agg.factors), metrics
+        return self.shared_record(), metrics
 
     def _next_cube(
         self,
