@@ -18,14 +18,13 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from memfed.background import BackgroundServer
-from memfed.client import ERROR_METADATA_KEY, error_payload
 from memfed.errors import (
     AuthenticationError,
     CapacityError,
@@ -35,6 +34,7 @@ from memfed.errors import (
     PermissionDeniedError,
     UnavailableError,
 )
+from memfed.grpc_edge import make_edges
 from memfed.mip.v1 import registry_service_pb2 as rpb
 from memfed.mip.v1 import registry_service_pb2_grpc
 from memfed.observability import ServerMetrics
@@ -57,45 +57,12 @@ REGISTRY_CHANNEL_OPTIONS = (
 )
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: MemfedError) -> None:
-    code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.UNKNOWN)
-    await context.abort(code, str(exc), trailing_metadata=((ERROR_METADATA_KEY, error_payload(exc)),))
+def _internal(exc: BaseException, method: str) -> str:
+    log.error("%s failed", method, exc_info=exc)
+    return f"internal error in {method}: {exc}"
 
 
-def _edge(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(fn)
-    async def handler(self: RegistryServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await fn(self, request, context)
-        except MemfedError as exc:
-            await _abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.error("%s failed", fn.__name__, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {exc}")
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return handler
-
-
-def _edge_stream(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
-    @functools.wraps(fn)
-    async def handler(
-        self: RegistryServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[T]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except MemfedError as exc:
-            await _abort(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.error("%s failed", fn.__name__, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}: {exc}")
-
-    return handler
+_edge, _edge_stream = make_edges(_internal)
 
 
 class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):

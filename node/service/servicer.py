@@ -23,14 +23,14 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 import grpc
 
 import memfed
-from memfed.client import CHUNK_SIZE, ERROR_METADATA_KEY, error_payload
+from memfed.client import CHUNK_SIZE
 from memfed.cube.core import MemCube
 from memfed.cube.manifest import (
     LIFECYCLE_NAMES,
@@ -54,6 +54,7 @@ from memfed.errors import (
     NotFoundError,
     UnsupportedError,
 )
+from memfed.grpc_edge import make_edges
 from memfed.mip.v1 import cube_pb2, node_service_pb2, node_service_pb2_grpc
 from memfed.node.generation import MAX_ROWS, check_rows
 from memfed.node.service import serde
@@ -79,53 +80,14 @@ ManifestVerifier = Callable[[cube_pb2.SignedManifest], None]
 Authorizer = Callable[[str, str, pb.CapabilityToken | None, grpc.aio.ServicerContext], None]
 
 
-async def abort_with(context: grpc.aio.ServicerContext, exc: MemfedError) -> None:
-    """End the call with the error's status code, its message and hint, and its type in metadata."""
-    code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.UNKNOWN)
-    await context.abort(code, str(exc), trailing_metadata=((ERROR_METADATA_KEY, error_payload(exc)),))
-
-
 def _internal(exc: BaseException, method: str) -> str:
     log.error("%s failed", method, exc_info=exc)
     return f"internal error on the node in {method} ({type(exc).__name__}: {exc}); the node's log has details"
 
 
-def edge(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Map errors of a unary or client-streaming handler to status codes (see the module docstring)."""
-
-    @functools.wraps(fn)
-    async def handler(self: NodeServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
-        try:
-            return await fn(self, request, context)
-        except MemfedError as exc:
-            await abort_with(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _internal(exc, fn.__name__))
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
-
-    return handler
-
-
-def edge_stream(fn: Callable[..., AsyncIterator[T]]) -> Callable[..., AsyncIterator[T]]:
-    """``edge`` for server-streaming handlers."""
-
-    @functools.wraps(fn)
-    async def handler(
-        self: NodeServicer, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[T]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except MemfedError as exc:
-            await abort_with(context, exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, _internal(exc, fn.__name__))
-
-    return handler
+# Map errors of unary / client-streaming (edge) and server-streaming (edge_stream) handlers to status
+# codes (see the module docstring and memfed.grpc_edge).
+edge, edge_stream = make_edges(_internal)
 
 
 def _name(ref: pb.CubeRef) -> str:
