@@ -83,6 +83,11 @@ class RegistryClient:
         """Register a node (its certificate and public keys); False when it was registered already."""
         return bool(self._call("RegisterNode", identity).created)
 
+    def rotate_certificate(self, identity: rpb.NodeIdentity) -> bool:
+        """Replace the node's registered certificate with ``identity.certificate_pem`` (same id and keys);
+        call over a channel made with the current certificate. False when it was that one already."""
+        return bool(self._call("RotateCertificate", identity).created)
+
     def publish(self, manifest: cube_pb2.SignedManifest, holder_node_id: str = "") -> int:
         """Publish a version (manifest only); returns the catalog sequence."""
         req = rpb.PublishRequest(manifest=manifest, holder_node_id=holder_node_id)

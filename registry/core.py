@@ -279,6 +279,53 @@ class Registry:
 
         return self._guarded(register, who, "register", "")
 
+    def rotate_certificate(self, ident: rpb.NodeIdentity, *, peer_fingerprint: str | None = None) -> bool:
+        """Replace a registered node's certificate, keeping its identity keys (False: it is that one already).
+
+        A certificate expires long before a node's keys need to change, and peers know a node by its keys
+        and id. So the new certificate must come from the network CA, name the node, and carry the
+        *same* signing and agreement keys; and the caller proves it is the node by connecting with the
+        certificate registered now (``peer_fingerprint``; None: an operator, or an --insecure registry).
+        Once replaced, the old certificate is refused like any unregistered one."""
+        who = f"node:{ident.node_id}" if ident.node_id else "node:?"
+        try:
+            row = self._check_identity(ident, None)
+        except MemfedError as exc:
+            raise self._deny(exc, who, "rotate", "") from None
+
+        def rotate(conn: Connection) -> bool:
+            old = conn.execute(select(db.nodes).where(db.nodes.c.node_id == ident.node_id)).first()
+            if old is None:
+                raise NotFoundError(
+                    f"node {ident.node_id!r} is not registered: there is no certificate to rotate",
+                    hint="register it (`memfed registry register`)",
+                )
+            if peer_fingerprint is not None and peer_fingerprint != old.cert_fingerprint:
+                raise AuthenticationError(
+                    f"a certificate rotation for {ident.node_id!r} must come over a channel made with its "
+                    "currently registered certificate",
+                    hint="connect with the node's current certificate (--tls), or ask an operator",
+                )
+            if old.signing_key != row["signing_key"] or old.kem_key != row["kem_key"]:
+                raise PermissionDeniedError(
+                    f"the new certificate for {ident.node_id!r} comes with other identity keys: a rotation "
+                    "keeps the node's keys",
+                    hint="send the keys of the node's own identity.pub.json; new keys are a new node id",
+                )
+            if old.cert_fingerprint == row["cert_fingerprint"]:
+                self._append_audit(conn, who, "rotate", "", True, "certificate unchanged")
+                return False
+            conn.execute(
+                update(db.nodes)
+                .where(db.nodes.c.node_id == ident.node_id)
+                .values(cert_pem=row["cert_pem"], cert_fingerprint=row["cert_fingerprint"])
+            )
+            reason = f"certificate {old.cert_fingerprint[:16]} -> {row['cert_fingerprint'][:16]}"
+            self._append_audit(conn, who, "rotate", "", True, reason)
+            return True
+
+        return self._guarded(rotate, who, "rotate", "")
+
     def _check_identity(self, ident: rpb.NodeIdentity, peer_fingerprint: str | None) -> dict[str, Any]:
         if not ident.node_id or not ident.certificate_pem or len(ident.signing_public_key) != 32:
             raise InvalidArgumentError(

@@ -87,14 +87,25 @@ class RegistryServicer(registry_service_pb2_grpc.RegistryServiceServicer):
 
     @_edge
     async def RegisterNode(self, request: rpb.NodeIdentity, context: grpc.aio.ServicerContext) -> Any:
-        peer = peer_of(context)
-        if peer is None and not self.insecure:
-            raise AuthenticationError("registration requires the node's certificate (mutual TLS)")
-        fp = peer.fingerprint if peer is not None else None
-        if peer is not None and normalize_principal(f"user:{peer.name}") in self.registry.operators:
-            fp = None  # an operator may register a node on its behalf
+        fp = await self._node_or_operator(context)
         created = await asyncio.to_thread(self.registry.register_node, request, peer_fingerprint=fp)
         return rpb.RegisterNodeResponse(created=created)
+
+    @_edge
+    async def RotateCertificate(self, request: rpb.NodeIdentity, context: grpc.aio.ServicerContext) -> Any:
+        fp = await self._node_or_operator(context)
+        rotated = await asyncio.to_thread(self.registry.rotate_certificate, request, peer_fingerprint=fp)
+        return rpb.RegisterNodeResponse(created=rotated)
+
+    async def _node_or_operator(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's certificate fingerprint, which the registry checks against the node's record; None
+        for an operator (who may act on a node's behalf) or a plaintext caller of an --insecure registry."""
+        peer = peer_of(context)
+        if peer is None and not self.insecure:
+            raise AuthenticationError("this call requires the node's certificate (mutual TLS)")
+        if peer is None or normalize_principal(f"user:{peer.name}") in self.registry.operators:
+            return None
+        return peer.fingerprint
 
     @_edge
     async def PublishVersion(self, request: rpb.PublishRequest, context: grpc.aio.ServicerContext) -> Any:

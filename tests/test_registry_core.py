@@ -72,6 +72,40 @@ def test_register_is_idempotent_and_pins_the_identity(reg: Registry, net: dict[s
     assert last.allowed is False and last.action == "register"
 
 
+def test_certificate_rotation_keeps_keys_and_retires_the_old_certificate(
+    reg: Registry, net: dict[str, Party], tmp_path: Path
+):
+    a = net["node-a"]
+    old_fp = pki.cert_fingerprint(a.cert.cert.read_bytes())
+    new_cert = pki.issue(tmp_path / "pki", "node-a", out_dir=tmp_path / "rotated")
+    new_fp = pki.cert_fingerprint(new_cert.cert.read_bytes())
+    assert new_fp != old_fp
+    rotated = a.message()
+    rotated.certificate_pem = new_cert.cert.read_bytes()
+    before = _state(reg)
+    # Over a channel made with someone else's certificate: refused, nothing changes.
+    other_fp = pki.cert_fingerprint(net["node-b"].cert.cert.read_bytes())
+    with pytest.raises(AuthenticationError, match="currently registered certificate"):
+        reg.rotate_certificate(rotated, peer_fingerprint=other_fp)
+    # New identity keys under the old id: a new node, not a rotation.
+    swapped = net["node-b"].message()
+    swapped.node_id, swapped.certificate_pem = "node-a", new_cert.cert.read_bytes()
+    with pytest.raises(PermissionDeniedError, match="other identity keys"):
+        reg.rotate_certificate(swapped, peer_fingerprint=old_fp)
+    with pytest.raises(NotFoundError):
+        reg.rotate_certificate(make_party(tmp_path / "pki", "node-q").message())
+    assert _state(reg) == before
+    assert reg.rotate_certificate(rotated, peer_fingerprint=old_fp) is True
+    assert reg.rotate_certificate(rotated, peer_fingerprint=new_fp) is False  # idempotent
+    assert reg.principal_for_certificate("node-a", new_fp) == "node:node-a"
+    with pytest.raises(AuthenticationError, match="not the one"):
+        reg.principal_for_certificate("node-a", old_fp)
+    assert reg.node("node-a").certificate_pem == new_cert.cert.read_bytes()
+    rotations = [e for e in reg.audit_entries() if e.action == "rotate"]
+    assert [e.allowed for e in rotations] == [False, False, False, True, True]
+    assert reg.verify_audit().ok
+
+
 def test_deny_by_default_grants_groups_and_expiry(reg: Registry, net: dict[str, Party]):
     a = net["node-a"]
     reg.publish(a.manifest("legal_expert", "1.0.0"), "node-a")

@@ -4,14 +4,17 @@ unread streams) are refused without changing state or starving other callers."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from click.testing import CliRunner
 from registry_support import Party, make_party
 
+from memfed.cli.main import cli
 from memfed.errors import (
     AuthenticationError,
     CapacityError,
@@ -122,6 +125,33 @@ def test_unregistered_and_impostor_certificates_are_refused_and_audited(net: Net
         with pytest.raises(grpc.RpcError) as info:
             stub.LookupVersions(rpb.LookupRequest(cube_id="svc_cube"), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_rotate_certificate_over_the_current_one(net: Net, tmp_path: Path) -> None:
+    """`memfed registry rotate-cert`: connect with the current certificate, pin the new one; afterwards the
+    new certificate is the node's and the old one is refused."""
+    d = make_party(net.pki, "node-d")
+    with net.client("node-d") as cd:
+        assert cd.register(d.message()) is True
+    new_dir = tmp_path / "node-d-new"
+    pki.issue(net.pki, "node-d", out_dir=new_dir)
+    # From another node's channel: refused.
+    with net.client("node-b") as cb, pytest.raises(AuthenticationError, match="currently registered"):
+        msg = d.message()
+        msg.certificate_pem = (new_dir / "cert.pem").read_bytes()
+        cb.rotate_certificate(msg)
+    result = CliRunner().invoke(
+        cli,
+        ["registry", "rotate-cert", "--registry", net.address, "--tls", str(net.pki / "node-d"),
+         "--identity", str(net.pki / "node-d" / "identity"), "--new-cert", str(new_dir / "cert.pem"),
+         "--json"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"node_id": "node-d", "rotated": True}
+    with RegistryClient(net.address, tls=TlsFiles.from_dir(new_dir)) as fresh:
+        assert fresh.lookup("svc_cube") is not None
+    with net.client("node-d") as old, pytest.raises(AuthenticationError, match="not the one"):
+        old.lookup("svc_cube")
 
 
 def test_audit_is_for_operators(net: Net) -> None:

@@ -227,6 +227,43 @@ def register_cmd(
     _report({"node_id": msg.node_id, "created": created}, as_json, f"node {msg.node_id} registered")
 
 
+@registry.command("rotate-cert")
+@registry_client_options
+@click.option(
+    "--identity",
+    "identity_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The node's identity folder (its keys stay; only the certificate changes).",
+)
+@click.option(
+    "--new-cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    required=True,
+    help="The node's new certificate (`memfed pki issue NAME --force` writes it).",
+)
+@click.option("--node-id", default=None, help="The node id (default: the new certificate's name).")
+@json_option
+def rotate_cert_cmd(
+    reg: Callable[[], Any], identity_dir: Path, new_cert: Path, node_id: str | None, as_json: bool
+) -> None:
+    """Replace this node's registered certificate before the old one expires.
+
+    Connect with the node's CURRENT certificate (--tls/--tls-key) and name the new one: the registry
+    checks that the new certificate comes from the network CA, names the node and goes with the same
+    identity keys, then pins it. Restart the node with the new certificate afterwards; the old one is
+    refused from then on.
+    """
+    from memfed.crypto.identity import load_public_identity
+    from memfed.registry.node_identity import identity_message
+
+    with reg() as client:
+        msg = identity_message(load_public_identity(identity_dir), new_cert.read_bytes(), node_id, "")
+        rotated = client.rotate_certificate(msg)
+    line = f"node {msg.node_id}: certificate " + ("rotated" if rotated else "unchanged (already registered)")
+    _report({"node_id": msg.node_id, "rotated": rotated}, as_json, line)
+
+
 def client_tls_cert(client: Any) -> bytes | None:
     return client.tls.cert.read_bytes() if getattr(client, "tls", None) else None
 
@@ -246,7 +283,10 @@ def grant_cmd(
     expires_in: float | None,
     as_json: bool,
 ) -> None:
-    """Grant ACTIONS (read, use, export, admin) on CUBE_ID to PRINCIPAL (node:ID, user:ID, group:NAME)."""
+    """Grant ACTIONS on CUBE_ID to PRINCIPAL (node:ID, user:ID, group:NAME).
+
+    Actions: read, use, export, admin, feedback (rate a module's answers, which steers how it evolves).
+    """
     exp = time.time() + expires_in if expires_in else None
     with reg() as client:
         seq = client.grant(cube_id, principal, actions, expires_at=exp)

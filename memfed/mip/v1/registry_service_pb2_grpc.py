@@ -40,6 +40,11 @@ class RegistryServiceStub:
                 request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.SerializeToString,
                 response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
                 _registered_method=True)
+        self.RotateCertificate = channel.unary_unary(
+                '/memfed.mip.v1.RegistryService/RotateCertificate',
+                request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
         self.PublishVersion = channel.unary_unary(
                 '/memfed.mip.v1.RegistryService/PublishVersion',
                 request_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.PublishRequest.SerializeToString,
@@ -102,6 +107,13 @@ class RegistryServiceServicer:
 
     def RegisterNode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateCertificate(self, request, context):
+        """Replace a registered node's certificate (same id, same keys), over a channel made with the current one.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -179,6 +191,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'RotateCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCertificate,
                     request_deserializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.FromString,
                     response_serializer=memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.SerializeToString,
             ),
@@ -263,6 +280,33 @@ class RegistryService:
             request,
             target,
             '/memfed.mip.v1.RegistryService/RegisterNode',
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.RegistryService/RotateCertificate',
             memfed_dot_mip_dot_v1_dot_registry__service__pb2.NodeIdentity.SerializeToString,
             memfed_dot_mip_dot_v1_dot_registry__service__pb2.RegisterNodeResponse.FromString,
             options,
