@@ -182,13 +182,26 @@ def _settings_options(f):  # type: ignore[no-untyped-def]
 @click.option("--tls-dir", type=click.Path(path_type=Path), required=True,
               help="Network CA folder (created if missing); issues the SuperLink's certificate.")  # fmt: skip
 @click.option("--port", default=9093, show_default=True, help="SuperLink port (nodes connect here).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the SuperLink listens on (0.0.0.0: every interface, as in a container).",
+)
+@click.option(
+    "--tls-host",
+    "tls_hosts",
+    multiple=True,
+    help="A name or IP nodes reach the SuperLink by, put in its certificate (repeatable).",
+)
 @click.option("--min-nodes", default=2, show_default=True, help="Wait for this many nodes each round.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=Path("fed-server"), show_default=True)
 @_settings_options
 @json_option
 def serve_cmd(cube_id: str, store: Path, grants: Path | None, registry_dir: Path | None,
               registry_db: str | None, aggregator_identity: Path | None, node_id: str, tls_dir: Path,
-              port: int, min_nodes: int, workdir: Path, as_json: bool, **kw: object) -> None:  # fmt: skip
+              port: int, host: str, tls_hosts: tuple[str, ...], min_nodes: int, workdir: Path,
+              as_json: bool, **kw: object) -> None:  # fmt: skip
     """Run the SuperLink with TLS and the rounds for CUBE_ID; print each round's report.
 
     Admission and publishing: --registry-dir (the registry's grants and catalog; the usual deployment)
@@ -218,11 +231,12 @@ def serve_cmd(cube_id: str, store: Path, grants: Path | None, registry_dir: Path
         authority.current(cube_id)
     finally:
         authority.close()
-    tls = deploy.make_tls(tls_dir)
-    link, address = deploy.start_superlink(workdir, tls, port=port)
+    tls = deploy.make_tls(tls_dir, tls_hosts)
+    link, address = deploy.start_superlink(workdir, tls, port=port, host=host)
     try:
+        reach = f"{tls_hosts[0]}:{port}" if tls_hosts else address
         console.print(
-            f"SuperLink on {address} (TLS, CA {tls.ca}); nodes: memfed fed join --superlink {address}"
+            f"SuperLink on {host}:{port} (TLS, CA {tls.ca}); nodes: memfed fed join --superlink {reach}"
         )
         deploy.submit_run(
             deploy.write_app(workdir / "app", settings.as_run_config()), address, tls.ca, workdir

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,14 +77,16 @@ class Tls:
     key: Path
 
 
-def make_tls(directory: Path) -> Tls:
-    """A network CA and a SuperLink certificate for 127.0.0.1/localhost, via ``memfed.registry.pki``."""
+def make_tls(directory: Path, hosts: Sequence[str] = ()) -> Tls:
+    """A network CA and a SuperLink certificate for 127.0.0.1/localhost and ``hosts`` (the names nodes
+    reach it by), via ``memfed.registry.pki``."""
     from memfed.registry.pki import init_ca, issue
 
     ca_dir = Path(directory)
     if not (ca_dir / "ca.key").exists():
         init_ca(ca_dir)
-    issued = issue(ca_dir, "superlink", hosts=("127.0.0.1", "localhost"), force=True)
+    names = tuple(dict.fromkeys(("127.0.0.1", "localhost", *hosts)))
+    issued = issue(ca_dir, "superlink", hosts=names, force=True)
     return Tls(issued.ca, issued.cert, issued.key)
 
 
@@ -128,9 +130,10 @@ class Launched:
 
 
 def launch_superlink(
-    workdir: Path, tls: Tls | None, *, port: int = 0, log: Path | None = None
+    workdir: Path, tls: Tls | None, *, port: int = 0, host: str = "127.0.0.1", log: Path | None = None
 ) -> tuple[Launched, str]:
-    """Start a SuperLink (state in ``workdir/superlink.db``) without waiting; return it and its address.
+    """Start a SuperLink (state in ``workdir/superlink.db``) listening on ``host``, without waiting;
+    return it and the address this machine reaches it at.
 
     Not waiting lets a caller prepare other things (or start SuperNodes, which retry their connection)
     while the SuperLink starts; ``Launched.wait`` blocks until it is healthy.
@@ -138,7 +141,7 @@ def launch_superlink(
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     health = f"127.0.0.1:{free_port()}"
-    cmd = [_script("flower-superlink"), "--port", str(port), "--host", "127.0.0.1"]
+    cmd = [_script("flower-superlink"), "--port", str(port), "--host", host]
     cmd += ["--database", str(workdir / "superlink.db"), "--disable-runtime-dependency-installation"]
     cmd += ["--health-server-address", health]
     if tls is None:
@@ -160,14 +163,21 @@ def launch_superlink(
         env=flower_env(workdir / "flwr-home"),
         start_new_session=True,
     )
-    return Launched(proc, health, "the SuperLink"), f"127.0.0.1:{port}"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "[::]") else host
+    return Launched(proc, health, "the SuperLink"), f"{local}:{port}"
 
 
 def start_superlink(
-    workdir: Path, tls: Tls | None, *, port: int = 0, log: Path | None = None, timeout_s: float = 60.0
+    workdir: Path,
+    tls: Tls | None,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    log: Path | None = None,
+    timeout_s: float = 60.0,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start a SuperLink and wait until it is healthy; return (process, its address)."""
-    launched, address = launch_superlink(workdir, tls, port=port, log=log)
+    launched, address = launch_superlink(workdir, tls, port=port, host=host, log=log)
     try:
         launched.wait(timeout_s)
     except BaseException:
