@@ -144,7 +144,21 @@ def _plot_activation(ax: Any, report: dict[str, Any]) -> None:
 
 def _plot_throughput(ax: Any, report: dict[str, Any]) -> None:
     sync, seal = _bench(report, "sync"), _bench(report, "seal")
-    bars = [
+    s = lookup(sync, "series.transfer") or {}
+    if s.get("size_mb"):
+        for key, label, style in (
+            ("memfed_gbps", "memfed sync (mTLS, sealed, verified, stored)", "o-"),
+            ("raw_grpc_gbps", "raw gRPC stream (no TLS)", "s--"),
+            ("aes_gcm_gbps", "raw AES-256-GCM (cipher alone)", "^:"),
+        ):
+            if s.get(key):
+                ax.plot(s["size_mb"], s[key], style, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("payload (MiB)")
+        ax.set_ylabel("GB/s")
+        ax.legend(fontsize=7)
+        return
+    bars = [  # reports from before the size sweep existed
         ("memfed sync 64 MB\n(mTLS, sealed)", lookup(sync, "metrics.transfer_gbps")),
         ("raw gRPC 64 MB\n(no TLS)", lookup(sync, "metrics.raw_grpc_gbps")),
         ("memfed seal\n256 MB", lookup(seal, "metrics.seal_gbps_256mb")),

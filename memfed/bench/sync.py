@@ -40,6 +40,7 @@ from memfed.bench.store import bench_dir
 
 SIZE = 64 << 20
 CHUNK = 1 << 20
+SWEEP = (4 << 20, 16 << 20, SIZE)  # payload sizes of the throughput-vs-size series (the last is SIZE)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -62,7 +63,8 @@ def _raw_server_main(payload_file: str, port_file: str) -> None:
 
     async def serve() -> None:
         async def stream(request: bytes, context: Any) -> Any:
-            for c in chunks:
+            n = int(request) if request else len(data)  # the first n bytes (the size sweep)
+            for c in chunks[: -(-n // CHUNK)]:
                 yield c
 
         handler = grpc.method_handlers_generic_handler(
@@ -106,7 +108,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _raw_grpc_seconds(work: Path, payload: bytes, repeats: int) -> list[float]:
+def _raw_grpc_seconds(
+    work: Path, payload: bytes, repeats: int, sizes: tuple[int, ...]
+) -> dict[int, list[float]]:
+    """Per size (a prefix of ``payload``, whole MiBs): the raw stream's seconds, after one warm-up."""
     import grpc
 
     payload_file = work / "raw.bin"
@@ -117,22 +122,45 @@ def _raw_grpc_seconds(work: Path, payload: bytes, repeats: int) -> list[float]:
         port_file,
         work / "raw.log",
     )
-    times = []
+    times: dict[int, list[float]] = {}
     try:
         with grpc.insecure_channel(addr, options=RAW_OPTS) as ch:
             get = ch.unary_stream("/raw.Raw/Get")
-            for _ in range(repeats + 1):  # the first warms the connection
-                t0 = time.perf_counter()
-                n = sum(len(c) for c in get(b""))
-                times.append(time.perf_counter() - t0)
-                assert n == len(payload)
+            for size in sizes:
+                runs = []
+                for _ in range(repeats + 1):  # the first warms the connection
+                    t0 = time.perf_counter()
+                    n = sum(len(c) for c in get(str(size).encode()))
+                    runs.append(time.perf_counter() - t0)
+                    assert n == size
+                times[size] = runs[1:]
     finally:
         _stop(proc)
         payload_file.unlink(missing_ok=True)
-    return times[1:]
+    return times
 
 
 # -- our transfer -------------------------------------------------------------------------------------
+
+
+def _aes_gcm_seconds(payload: bytes, repeats: int, sizes: tuple[int, ...]) -> dict[int, list[float]]:
+    """Per size: AES-256-GCM over the payload's prefix in 1 MiB chunks, in this process (the cipher's
+    floor; the seal bench measures it against our sealing)."""
+    import secrets
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead, nonce, view = AESGCM(secrets.token_bytes(32)), secrets.token_bytes(12), memoryview(payload)
+    out: dict[int, list[float]] = {}
+    for size in sizes:
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for off in range(0, size, CHUNK):
+                aead.encrypt(nonce, view[off : off + CHUNK], None)
+            runs.append(time.perf_counter() - t0)
+        out[size] = runs
+    return out
 
 
 def _floors(work: Path, payload: bytes, repeats: int) -> dict[str, float]:
@@ -163,11 +191,14 @@ def _floors(work: Path, payload: bytes, repeats: int) -> dict[str, float]:
 
 
 def _transfer_seconds(
-    work: Path, payload: bytes, repeats: int, adopt: list[float] | None = None
-) -> list[float]:
+    work: Path, payload: bytes, repeats: int, sizes: tuple[int, ...], adopt: list[float] | None = None
+) -> dict[int, list[float]]:
     """Node B (this process) pulls from node A (`memfed node serve`, its own process) with the catalog
     and token from the registry (`memfed registry serve`, its own process): the layout of a real
-    network, so the holder's sealing and the receiver's checks do not share one interpreter lock."""
+    network, so the holder's sealing and the receiver's checks do not share one interpreter lock.
+
+    A holds one cube per size in ``sizes`` (prefixes of ``payload``); per size, the seconds of each pull
+    after one warm-up. ``adopt`` collects the store adoption times of the full-size pulls."""
     import json
 
     from memfed.crypto.identity import init_identity, load_public_identity
@@ -199,20 +230,25 @@ def _transfer_seconds(
     for name in ("registry", "node-a", "node-b"):
         pki.issue(d, name)
     ids = {n: init_identity(work / f"id-{n}", name=n) for n in ("node-a", "node-b")}
-    m = new_manifest(
-        cube_id="bench_cube",
-        version="1.0.0",
-        kind="plaintext",
-        digest=payload_digest(payload),
-        size_bytes=len(payload),
-        owner="node-a",
-    )
-    with CubeStore(work / "store-a") as store_a:  # A holds the cube before it starts
-        store_a.put(m, payload)
+    view = memoryview(payload)
+    cubes = {
+        size: new_manifest(
+            cube_id=f"bench_cube_{size >> 20}mb",
+            version="1.0.0",
+            kind="plaintext",
+            digest=payload_digest(view[:size]),
+            size_bytes=size,
+            owner="node-a",
+        )
+        for size in sizes
+    }
+    with CubeStore(work / "store-a") as store_a:  # A holds the cubes before it starts
+        for size, m in cubes.items():
+            store_a.put(m, view[:size])
     model = save_tiny_model_dir("llama", work / "tiny", seed=1)
     memfed = [sys.executable, "-m", "memfed.cli.main"]
     procs: list[subprocess.Popen[bytes]] = []
-    times = []
+    times: dict[int, list[float]] = {}
     rb = None
     try:
         reg, reg_addr = _spawn(
@@ -243,34 +279,38 @@ def _transfer_seconds(
         reg_key = load_public_identity(key_file).signing_key
         tls_a, tls_b = TlsFiles.from_dir(d / "node-a"), TlsFiles.from_dir(d / "node-b")
         with RegistryClient(reg_addr, tls=tls_a, registry_key=reg_key) as ra:
-            ra.publish(sign_manifest(m, ids["node-a"]), "node-a")
-            ra.grant("bench_cube", "node:node-b", ["export"])
+            for m in cubes.values():
+                ra.publish(sign_manifest(m, ids["node-a"]), "node-a")
+                ra.grant(m.cube_id, "node:node-b", ["export"])
         rb = RegistryClient(reg_addr, tls=tls_b, registry_key=reg_key)
         rb.register(identity_message(ids["node-b"].public, tls_b.cert.read_bytes(), "node-b"))
-        for i in range(repeats + 1):
-            with _TimedStore(work / f"store-b-{i}") as store_b:
-                syncer = Syncer(
-                    store=store_b,
-                    identity=ids["node-b"],
-                    registry=rb,
-                    tls=tls_b,
-                    node_id="node-b",
-                    host_fingerprint=None,
-                    partial_dir=work / "partial-b",
-                )
-                t0 = time.perf_counter()
-                result = syncer.sync("bench_cube")
-                times.append(time.perf_counter() - t0)
-                assert result.status == "synced" and result.bytes == len(payload)
-                if adopt is not None and i:
-                    adopt.extend(store_b.adopt_seconds)
-            shutil.rmtree(work / f"store-b-{i}", ignore_errors=True)
+        for size, m in cubes.items():
+            runs = []
+            for i in range(repeats + 1):
+                with _TimedStore(work / f"store-b-{i}") as store_b:
+                    syncer = Syncer(
+                        store=store_b,
+                        identity=ids["node-b"],
+                        registry=rb,
+                        tls=tls_b,
+                        node_id="node-b",
+                        host_fingerprint=None,
+                        partial_dir=work / "partial-b",
+                    )
+                    t0 = time.perf_counter()
+                    result = syncer.sync(m.cube_id)
+                    runs.append(time.perf_counter() - t0)
+                    assert result.status == "synced" and result.bytes == size
+                    if adopt is not None and i and size == len(payload):
+                        adopt.extend(store_b.adopt_seconds)
+                shutil.rmtree(work / f"store-b-{i}", ignore_errors=True)
+            times[size] = runs[1:]
     finally:
         if rb is not None:
             rb.close()
         for p in reversed(procs):
             _stop(p)
-    return times[1:]
+    return times
 
 
 # -- authorization latency ----------------------------------------------------------------------------
@@ -462,11 +502,19 @@ def run(*, quick: bool = False) -> BenchResult:
     result = BenchResult()
     try:
         payload = os.urandom(SIZE)
-        raw = _raw_grpc_seconds(work, payload, repeats)
+        raw_by_size = _raw_grpc_seconds(work, payload, repeats, SWEEP)
         adopt: list[float] = []
-        ours = _transfer_seconds(work, payload, repeats, adopt)
+        ours_by_size = _transfer_seconds(work, payload, repeats, SWEEP, adopt)
         result.metrics.update(_floors(work, payload, repeats))
+        aes_by_size = _aes_gcm_seconds(payload, repeats, SWEEP)
         del payload
+        raw, ours = raw_by_size[SIZE], ours_by_size[SIZE]
+        gbps = {  # throughput against payload size, for the report's plot
+            name: [round(n / statistics.median(t[n]) / 1e9, 4) for n in SWEEP]
+            for name, t in (("memfed_gbps", ours_by_size), ("raw_grpc_gbps", raw_by_size),
+                            ("aes_gcm_gbps", aes_by_size))
+        }  # fmt: skip
+        result.series["transfer"] = {"size_mb": [n >> 20 for n in SWEEP], **gbps}
         result.metrics["transfer_adopt_median_s"] = statistics.median(adopt)
         result.metrics["transfer_mb"] = SIZE / 1e6
         result.metrics["transfer_median_s"] = statistics.median(ours)
