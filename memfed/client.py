@@ -224,6 +224,18 @@ class RollbackResult:
     current: str
 
 
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What the node did with one rating: the version it is recorded against, items pending on the module,
+    and the evolve state ("recorded", "waiting" or "started": an evolve step runs in the background)."""
+
+    module: str
+    feedback_id: int
+    pending: int
+    decision: str
+    reason: str
+
+
 # -- references ---------------------------------------------------------------------------------------
 
 
@@ -478,6 +490,25 @@ class NodeClient:
         req = pb.RollbackRequest(cube_id=cube_id, to_version=to_version, reason=reason)
         r = self._call(self.stub.Rollback, req)
         return RollbackResult(previous=ref_text(r.previous), current=ref_text(r.current))
+
+    def feedback(
+        self,
+        ref: str | pb.CubeRef,
+        *,
+        prompt: str,
+        answer: str,
+        good: bool,
+        correction: str = "",
+        on_behalf_of: str = "",
+        capability: pb.CapabilityToken | None = None,
+    ) -> FeedbackResult:
+        """Rate an answer ``ref`` gave (the module's current version when ``ref`` names none)."""
+        req = pb.FeedbackRequest(
+            ref=cube_ref(ref), prompt=prompt, answer=answer, good=good, correction=correction,
+            on_behalf_of=on_behalf_of, capability=capability,
+        )  # fmt: skip
+        r = self._call(self.stub.Feedback, req)
+        return FeedbackResult(ref_text(r.module), r.feedback_id, r.pending, r.decision, r.reason)
 
     def merge(
         self,

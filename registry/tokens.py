@@ -18,11 +18,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from memfed.crypto.identity import key_id_of
+from memfed.cube.manifest import ACCESS_ACTIONS
 from memfed.errors import AuthenticationError, InvalidArgumentError, PermissionDeniedError
 from memfed.mip.v1 import node_service_pb2, registry_service_pb2
 
 CONTEXT = b"memfed capability token v1\0"
-ACTIONS = ("read", "use", "export", "admin")
+ACTIONS = ACCESS_ACTIONS
 DEFAULT_TTL_S = 60
 MAX_TTL_S = 3600
 MAX_TOKEN_BYTES = 4096

@@ -15,10 +15,11 @@ from registry_support import make_party
 
 from memfed.client import NodeClient, Row
 from memfed.crypto.signing import sign_manifest
-from memfed.errors import PermissionDeniedError
+from memfed.errors import AuthenticationError, PermissionDeniedError
 from memfed.mip.v1 import node_service_pb2 as pb
 from memfed.node.service import BackgroundServer, Node, NodeServer
 from memfed.node.service.capability import CapabilityAuthorizer
+from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.service.sealed import SealedSource
 from memfed.node.service.sync import Syncer
 from memfed.node.tiny_models import save_tiny_model_dir
@@ -72,6 +73,7 @@ class World:
                 credentials=tls.server_credentials(),
                 authorizer=CapabilityAuthorizer(verifier, node_id=name),
                 sealer=sealer,
+                feedback=FeedbackIntake(node),
             )
             bg = BackgroundServer(server)
             addr = bg.start()
@@ -100,6 +102,7 @@ class World:
     def close(self) -> None:
         for bg in self.servers.values():
             bg.stop()
+            bg.server.feedback.close()
         for n in self.nodes.values():
             n.close()
         self.reg_bg.stop()
@@ -231,3 +234,38 @@ def test_damaged_partial_file_fails_the_digest_and_starts_over(world: World) -> 
     assert not b.store.has("more_notes", "1.0.0")
     result = world.syncer("node-b", chunk_size=16 << 10).sync("more_notes")
     assert result.resumed_from_chunk == 0 and b.store.get("more_notes", "1.0.0").payload == payload
+
+
+def test_feedback_needs_its_own_grant(world: World) -> None:
+    """Rating a module's answers is a grant of its own (`feedback`): a `use` token does not cover it, a
+    relayed principal is only taken from the node's operators, and a refusal records nothing."""
+    a = world.nodes["node-a"]
+    cube = _lora(a, "rated_module", 5)
+    a.store.put(cube.manifest, cube.payload)
+    with world.client("node-a") as ra:
+        ra.publish(sign_manifest(cube.manifest, world.parties["node-a"].identity), "node-a")
+        ra.grant("rated_module", "node:node-b", ["use"])
+    log = world.servers["node-a"].server.feedback.log
+    rating = {"prompt": "The capital of Veltria is", "answer": "Quorn", "good": False}
+    rating["correction"] = "Dralmouth"
+    with world.node_client("node-a", "node-b") as nb:
+        with pytest.raises(AuthenticationError, match="needs a capability token"):
+            nb.feedback("rated_module", **rating)
+        use = world.client("node-b").issue_token("rated_module", "use")
+        with pytest.raises(PermissionDeniedError):
+            nb.feedback("rated_module", capability=use, **rating)
+        assert log.pending("rated_module") == []
+        with world.client("node-a") as ra:
+            ra.grant("rated_module", "node:node-b", ["feedback"])
+        token = world.client("node-b").issue_token("rated_module", "feedback")
+        with pytest.raises(PermissionDeniedError, match="on behalf of"):
+            nb.feedback("rated_module", capability=token, on_behalf_of="user:mallory", **rating)
+        got = nb.feedback("rated_module", capability=token, **rating)
+    assert got.module == f"rated_module@{cube.manifest.version}" and got.pending == 1
+    assert got.decision == "recorded"  # this node records only (no --evolve)
+    [item] = log.pending("rated_module")
+    assert (item.principal, item.correction, item.good) == ("node:node-b", "Dralmouth", False)
+    # The node's own certificate is an operator: it may relay a user's rating.
+    with world.node_client("node-a", "node-a") as na:
+        na.feedback("rated_module", on_behalf_of="user:alice", **rating)
+    assert [i.principal for i in log.pending("rated_module")] == ["node:node-b", "user:alice"]

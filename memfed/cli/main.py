@@ -15,6 +15,7 @@ from memfed.cli.cube_cmd import cube
 from memfed.cli.demo_cmd import demo
 from memfed.cli.edit_cmd import edit
 from memfed.cli.fed_cmd import fed
+from memfed.cli.feedback_cmd import evolve, feedback
 from memfed.cli.generate_cmd import generate
 from memfed.cli.identity_cmd import identity
 from memfed.cli.memory_cmd import memory
@@ -73,6 +74,8 @@ cli.add_command(generate)
 cli.add_command(memory)
 cli.add_command(steer)
 cli.add_command(edit)
+cli.add_command(feedback)
+cli.add_command(evolve)
 cli.add_command(fed)
 cli.add_command(pki)
 cli.add_command(registry)

@@ -7,6 +7,7 @@ Also the options every command that talks to a node shares (``--node``, ``--time
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -259,6 +260,19 @@ def node() -> None:
     help="Reads an hour that make a plaintext memory hot.",
 )
 @click.option(
+    "--evolve",
+    is_flag=True,
+    help="Let modules improve from the feedback they get (Feedback RPC): past --evolve-threshold ratings "
+    "from enough people, train, validate and publish (or discard) a next version; roll back one that "
+    "does worse in use. Without it, feedback is only recorded.",
+)
+@click.option(
+    "--evolve-threshold",
+    type=click.IntRange(min=1),
+    default=None,
+    help="New ratings on a module before a candidate is trained (default: EvolveSettings.threshold).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -295,6 +309,8 @@ def serve_cmd(
     auto_internalize: bool,
     auto_interval: float,
     auto_min_per_hour: float,
+    evolve: bool,
+    evolve_threshold: int | None,
     log_level: str,
     metrics_port: int | None,
     log_json: bool,
@@ -359,6 +375,13 @@ def serve_cmd(
         the_node, store_path, tls_dir=tls_dir, registry_addr=registry_addr, registry_key=registry_key,
         identity_dir=identity_dir, sync_cubes=sync_cubes, sync_interval=sync_interval, operators=operators,
     )  # fmt: skip
+    from memfed.node.evolve.settings import EvolveSettings
+    from memfed.node.service.feedback import FeedbackIntake
+
+    evolve_settings = EvolveSettings()
+    if evolve_threshold is not None:
+        evolve_settings = dataclasses.replace(evolve_settings, threshold=evolve_threshold)
+    intake = FeedbackIntake(the_node, settings=evolve_settings, evolve=evolve)
     server = NodeServer(
         the_node,
         host=host,
@@ -371,6 +394,7 @@ def serve_cmd(
         authorizer=net.authorizer,
         sealer=net.sealer,
         metrics_port=metrics_port,
+        feedback=intake,
     )
 
     async def run() -> None:
@@ -414,6 +438,7 @@ def serve_cmd(
     try:
         asyncio.run(run())
     finally:
+        intake.close()
         the_node.close()
 
 

@@ -19,6 +19,10 @@ from memfed.cube.digest import check_digest_string
 from memfed.errors import InvalidManifestError
 from memfed.mip.v1 import cube_pb2
 
+# What a grant may allow on a cube. ``feedback`` is its own grant: rating a module's answers steers how it
+# evolves (memfed.node.evolve), which is more than using it and less than administering it.
+ACCESS_ACTIONS = ("read", "use", "export", "admin", "feedback")
+
 FORMAT_VERSION = 1
 CubeManifest = cube_pb2.CubeManifest
 
@@ -176,11 +180,11 @@ def validate_manifest(m: CubeManifest) -> None:
     if m.kind == cube_pb2.CUBE_KIND_LORA and m.payload.WhichOneof("spec") != "lora":
         raise InvalidManifestError(f"lora cube {m.cube_id}@{m.version} has no LoRA spec in its payload")
     for grant in m.access_control.grants:
-        bad = set(grant.actions) - {"read", "use", "export", "admin"}
+        bad = set(grant.actions) - set(ACCESS_ACTIONS)
         if bad or not grant.principal:
             raise InvalidManifestError(
                 f"grant {grant.principal!r} {list(grant.actions)} in {m.cube_id}@{m.version} is malformed",
-                hint="principals are node:/user:/group: names; actions are read, use, export, admin",
+                hint=f"principals are node:/user:/group: names; actions are {', '.join(ACCESS_ACTIONS)}",
             )
 
 

@@ -30,6 +30,7 @@ from memfed.client import CHANNEL_OPTIONS, CHUNK_SIZE, SERVICE_NAME
 from memfed.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from memfed.mip.v1 import node_service_pb2_grpc
 from memfed.node.service.batcher import GenerateBatcher
+from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.service.node import Node
 from memfed.node.service.servicer import DEFAULT_MAX_CUBE_BYTES, Authorizer, ManifestVerifier, NodeServicer
 from memfed.observability import NodeCollector, ServerMetrics
@@ -72,6 +73,7 @@ class NodeServer:
         authorizer: Authorizer | None = None,
         sealer: Any | None = None,
         metrics_port: int | None = None,
+        feedback: FeedbackIntake | None = None,
     ) -> None:
         if credentials is None and not insecure:
             raise InvalidArgumentError(
@@ -95,7 +97,9 @@ class NodeServer:
             manifest_verifier=manifest_verifier,
             authorizer=authorizer,
             sealer=sealer,
+            feedback=feedback,
         )
+        self.feedback = feedback
         self._server: grpc.aio.Server | None = None
         # Prometheus metrics (memfed.observability) only when a port is asked for: off by default.
         self.metrics: ServerMetrics | None = None
@@ -134,6 +138,7 @@ class NodeServer:
             manifest_verifier=o["manifest_verifier"],
             authorizer=o["authorizer"],
             sealer=o["sealer"],
+            feedback=o["feedback"],
         )
         interceptors = [self.metrics.interceptor()] if self.metrics is not None else None
         server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
@@ -192,6 +197,8 @@ class NodeServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self.feedback is not None:
+            await self.feedback.drain()  # an evolve step finishes (or fails) before the model thread goes
         if self._model_executor is not None:
             self._model_executor.shutdown(wait=True, cancel_futures=True)
             self._model_executor = None

@@ -59,6 +59,7 @@ from memfed.mip.v1 import cube_pb2, node_service_pb2, node_service_pb2_grpc
 from memfed.node.generation import MAX_ROWS, check_rows
 from memfed.node.service import serde
 from memfed.node.service.batcher import GenerateBatcher
+from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.service.node import Node
 from memfed.node.service.streams import PushSink
 
@@ -108,8 +109,10 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         manifest_verifier: ManifestVerifier | None = None,
         authorizer: Authorizer | None = None,
         sealer: Any | None = None,
+        feedback: FeedbackIntake | None = None,
     ) -> None:
         self.node = node
+        self.feedback = feedback  # memfed.node.service.feedback: the Feedback RPC's log and evolver
         self.sealer = sealer  # memfed.node.service.sealed.SealedSource: FetchCube with recipient_id
         self.store = node.store
         self.scheduler = node.scheduler
@@ -555,6 +558,50 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         return pb.RollbackResponse(
             previous=previous, current=pb.CubeRef(cube_id=result.cube_id, version=result.version)
         )
+
+    @edge
+    async def Feedback(
+        self, request: pb.FeedbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FeedbackResponse:
+        from memfed.node.evolve.feedback import FeedbackItem
+
+        cube_id = request.ref.cube_id
+        self._authorize("feedback", _name(request.ref), request.capability, context)
+        if self.feedback is None:
+            raise UnsupportedError(
+                f"node {self.node.node_id} does not take feedback", hint="start it without --no-feedback"
+            )
+        serde.check_ref(pb.CubeRef(cube_id=cube_id))
+        caller = self.authorizer.caller(context) if hasattr(self.authorizer, "caller") else None
+        operator = caller is not None and caller in getattr(self.authorizer, "local", ())
+        item = FeedbackItem(
+            cube_id=cube_id,
+            principal=self.feedback.principal(caller, operator, request.on_behalf_of, context.peer()),
+            prompt=request.prompt,
+            answer=request.answer,
+            good=request.good,
+            correction=request.correction or None,
+            version=request.ref.version or None,
+        )
+        receipt = await self.feedback.record(item, self._evolve_on_model)
+        return pb.FeedbackResponse(
+            module=pb.CubeRef(cube_id=receipt.cube_id, version=receipt.version),
+            feedback_id=receipt.feedback_id,
+            pending=receipt.pending,
+            decision=receipt.decision,
+            reason=receipt.reason,
+        )
+
+    async def _evolve_on_model(self, step: Callable[[], Any]) -> Any:
+        """Run an evolve step on the model thread; a rollback takes the retired version out of service."""
+
+        def run() -> Any:
+            decision = step()
+            if decision.action == "rolled_back" and decision.from_version:
+                self._forget([f"{decision.cube_id}@{decision.from_version}"])
+            return decision
+
+        return await self._on_model(run)
 
     def _version_before_current(self, cube_id: str) -> str:
         versions = self.store.versions(cube_id)

@@ -329,3 +329,35 @@ class BindTaskResponse(_message.Message):
     module: CubeRef
     bindings: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, task: _Optional[str] = ..., module: _Optional[_Union[CubeRef, _Mapping]] = ..., bindings: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FeedbackRequest(_message.Message):
+    __slots__ = ("ref", "prompt", "answer", "good", "correction", "capability", "on_behalf_of")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    GOOD_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    ON_BEHALF_OF_FIELD_NUMBER: _ClassVar[int]
+    ref: CubeRef
+    prompt: str
+    answer: str
+    good: bool
+    correction: str
+    capability: CapabilityToken
+    on_behalf_of: str
+    def __init__(self, ref: _Optional[_Union[CubeRef, _Mapping]] = ..., prompt: _Optional[str] = ..., answer: _Optional[str] = ..., good: _Optional[bool] = ..., correction: _Optional[str] = ..., capability: _Optional[_Union[CapabilityToken, _Mapping]] = ..., on_behalf_of: _Optional[str] = ...) -> None: ...
+
+class FeedbackResponse(_message.Message):
+    __slots__ = ("module", "feedback_id", "pending", "decision", "reason")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    module: CubeRef
+    feedback_id: int
+    pending: int
+    decision: str
+    reason: str
+    def __init__(self, module: _Optional[_Union[CubeRef, _Mapping]] = ..., feedback_id: _Optional[int] = ..., pending: _Optional[int] = ..., decision: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

@@ -105,6 +105,11 @@ class NodeServiceStub:
                 request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.SerializeToString,
                 response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.FromString,
                 _registered_method=True)
+        self.Feedback = channel.unary_unary(
+                '/memfed.mip.v1.NodeService/Feedback',
+                request_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackRequest.SerializeToString,
+                response_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -195,6 +200,12 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Feedback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +278,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.BindTask,
                     request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.FromString,
                     response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.SerializeToString,
+            ),
+            'Feedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Feedback,
+                    request_deserializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackRequest.FromString,
+                    response_serializer=memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -647,6 +663,33 @@ class NodeService:
             '/memfed.mip.v1.NodeService/BindTask',
             memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskRequest.SerializeToString,
             memfed_dot_mip_dot_v1_dot_node__service__pb2.BindTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Feedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memfed.mip.v1.NodeService/Feedback',
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackRequest.SerializeToString,
+            memfed_dot_mip_dot_v1_dot_node__service__pb2.FeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,
