@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the whole run. The models here are tiny and this machine's two cores are
+    shared (CI runs beside other jobs): two threads made forward passes 10-50x slower than one whenever
+    the second core was busy (OpenMP workers wait on each other), and nothing here is big enough to split.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,11 @@ machine two threads were 3-5x slower per step (oversubscription), not faster.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from memfed.cli.main import main
 from memfed.cube.core import MemCube
@@ -51,16 +49,8 @@ class Internalized:
     vault_path: Path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def done(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Internalized:
+def done(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Internalized:
     model, tokenizer = load_host_model(default_model_dir)
     doc = next(d for d in shipped_documents() if d.doc_id == DOC_ID)
     root = tmp_path_factory.mktemp("conversion")

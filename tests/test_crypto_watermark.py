@@ -158,7 +158,6 @@ def _fact_sentences(
 def setup(request: pytest.FixtureRequest) -> Setup:
     from peft import LoraConfig, get_peft_model
 
-    torch.set_num_threads(1)  # the 2 cores are shared: oversubscribed threads ran 10x slower here
     base, name = _host_model(request)
     g = torch.Generator().manual_seed(1)
     vocab = base.config.vocab_size

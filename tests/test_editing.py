@@ -33,15 +33,6 @@ from memfed.node.runtime import ModuleRuntime
 from memfed.node.tokenizer_build import byte_tokenizer, wrap_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: one thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def tiny(request: pytest.FixtureRequest) -> torch.nn.Module:
     model = tiny_llama(seed=3) if request.param == "llama" else tiny_gpt2(seed=3)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from memfed.bench.harness import BENCHES
 from memfed.cli.main import main
@@ -23,10 +22,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MEMFED_HOME", str(tmp_path / "home"))  # key statistics are cached here
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path / "home"
-    torch.set_num_threads(threads)
+    return tmp_path / "home"
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

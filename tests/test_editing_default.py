@@ -30,13 +30,10 @@ from memfed.node.store import CubeStore
 
 @pytest.fixture(scope="module")
 def editor(default_model_dir: Path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small model, shared cores: see memfed.bench.edit
     model, tokenizer = load_host_model(default_model_dir)
     for p in model.parameters():
         p.requires_grad_(False)
-    yield Editor(model, tokenizer, texts=default_corpus()[::6], cache_stats=False)
-    torch.set_num_threads(threads)
+    return Editor(model, tokenizer, texts=default_corpus()[::6], cache_stats=False)
 
 
 @pytest.fixture(scope="module")

@@ -153,17 +153,6 @@ def test_prompts_are_recognized_in_every_phrasing() -> None:
 # -- the evolver, on a real module ------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small model, shared cores: one thread is faster than two fighting over them."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A module internalized from a synthetic document that leaves out some of its facts (the module

@@ -7,7 +7,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 from memfed.cli.main import main
 from memfed.errors import InvalidArgumentError
@@ -26,7 +25,6 @@ QUICK = InternalizeSettings(
 
 
 def test_loop_internalizes_hot_text_on_a_serving_node(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model, tokenizer = load_host_model(save_tiny_model_dir("llama", tmp_path / "tiny"))
     vault = PlaintextMemory(tmp_path / "plain.db")
     vault.add("guide/fezeira", "The official language of Fezeira is Trovouman.", title="Fezeira")

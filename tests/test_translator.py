@@ -42,14 +42,6 @@ TINY = TranslatorConfig(steps=3, train_documents=3, doc_tokens=24, replay_per_do
 QUICK = LoraTrainConfig(steps=2, batch_size=8, replay_batch=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @dataclass
 class Setup:
     model: torch.nn.Module
@@ -59,9 +51,7 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(
-    default_model_dir: Path, one_thread: None, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Setup]:
+def setup(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     mp = pytest.MonkeyPatch()
     mp.setenv("MEMFED_HOME", str(tmp_path_factory.mktemp("home")))  # key statistics are cached here
     model, tokenizer = load_host_model(default_model_dir)
