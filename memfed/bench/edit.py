@@ -28,9 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from memfed.bench.harness import BenchResult
+from memfed.bench.harness import BenchResult, one_torch_thread
 from memfed.node.editing import protocols
 from memfed.node.editing.counterfact import EditCase, load_cases, novel_cases
 from memfed.node.editing.editor import Editor
@@ -87,12 +85,8 @@ def _untouched_probes(cases: list[EditCase]) -> list[EditCase]:
 def run(*, quick: bool = False) -> BenchResult:
     from memfed.node.models import default_model_dir, load_host_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         return _run(quick, load_host_model(default_model_dir()))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool, loaded: tuple[Any, Any]) -> BenchResult:

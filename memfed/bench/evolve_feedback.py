@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from memfed.bench.harness import one_torch_thread
 
 DOC_TOKENS = 512  # 32 facts: 16 validation facts, 16 question facts (48 held-out questions)
 QUICK_DOC_TOKENS = 256
@@ -51,12 +51,8 @@ class _Question:
 
 def run_part(quick: bool) -> dict[str, float]:
     """The figures of this bench (fractions 0-1, seconds); ``quick``: a smaller document, 2 rounds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small model, shared cores (see memfed.bench.edit)
-    try:
+    with one_torch_thread():
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> dict[str, float]:

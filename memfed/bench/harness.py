@@ -13,7 +13,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,21 @@ class BenchResult:
     ratios: dict[str, float] = field(default_factory=dict)
     # name -> {axis: list of numbers}; kept apart from ``metrics`` so the scalar figures stay flat.
     series: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for the block, restored after. The benches on the embedded model run small
+    matrices on this machine's two shared cores: two threads ran forward passes 10-50x slower than one
+    whenever the other core was busy (OpenMP workers wait on each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def median_seconds(

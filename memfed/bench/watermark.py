@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from memfed.bench.harness import BenchResult
+from memfed.bench.harness import BenchResult, one_torch_thread
 
 RANK = 8
 N_FACTS = 8
@@ -38,6 +38,11 @@ def _fact_ids(tok: Any) -> tuple[Any, Any]:
 
 def run(*, quick: bool = False) -> BenchResult:
     """Train two LoRAs, mark one for recipient 0 of 50, and measure z: marked, null, after each attack."""
+    with one_torch_thread():
+        return _run(quick)
+
+
+def _run(quick: bool) -> BenchResult:
     import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -46,7 +51,6 @@ def run(*, quick: bool = False) -> BenchResult:
     from memfed.crypto.watermark_attacks import ATTACKS, apply_attack
     from memfed.node.models import default_model_dir, load_host_model
 
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads ran 10x slower here
     steps = 40 if quick else 120
     null_trials = 200 if quick else 1000
     model_dir = default_model_dir()
