@@ -17,7 +17,17 @@ from typing import Any
 from memfed.bench.harness import BENCHES
 
 # The order benches run in: cheap ones first, so a quick look at the report needs little waiting.
-ORDER: tuple[str, ...] = ("store", "seal", "swap", "sync", "watermark", "edit", "internalize", "fed")
+ORDER: tuple[str, ...] = (
+    "store",
+    "seal",
+    "swap",
+    "sync",
+    "watermark",
+    "edit",
+    "evolve",
+    "internalize",
+    "fed",
+)
 
 
 def ordered(only: Sequence[str] | None = None) -> list[str]:

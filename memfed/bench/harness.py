@@ -28,6 +28,7 @@ BENCHES: dict[str, str] = {
     "fed": "memfed.bench.fed:run",
     "sync": "memfed.bench.sync:run",
     "watermark": "memfed.bench.watermark:run",
+    "evolve": "memfed.bench.evolve:run",
 }
 
 

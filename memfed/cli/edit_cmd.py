@@ -18,17 +18,18 @@ from memfed.cli.options import json_option, model_option, resolve_store, store_o
 from memfed.cli.output import console, emit_json, progress_bar
 from memfed.errors import InvalidArgumentError
 
-METHODS = ("grace", "rome", "memit")
+METHODS = ("grace", "rome", "memit", "mend")
 DEFAULT_CODEBOOK = "edits"
 
 
 @click.group()
 def edit() -> None:
-    """Fact editing: causal tracing, ROME / MEMIT weight edits, GRACE codebook edits, evaluation.
+    """Fact editing: causal tracing, ROME / MEMIT / MEND weight edits, GRACE codebook edits, evaluation.
 
     \b
       memfed edit trace "The capital of Veltria is" --subject Veltria
       memfed edit apply "The capital of Veltria is" --subject Veltria --target Quorn
+      memfed edit train-editor && memfed edit apply ... --method mend
       memfed edit ask "The capital of Veltria is" --cube edits
       memfed edit eval --method rome --limit 50
     """
@@ -181,7 +182,14 @@ def _requests_from_file(editor: Any, path: Path, force: bool) -> list[Any]:
     default="grace",
     show_default=True,
     help="grace: codebook entry (for many sequential edits); rome: rank-one weight edit; memit: "
-    "one batch edit over several layers.",
+    "one batch edit over several layers; mend: a trained editor's update, milliseconds per edit "
+    "(memfed edit train-editor first).",
+)
+@click.option(
+    "--editor",
+    "editor_ref",
+    default=None,
+    help="With --method mend: the editor cube (ID[@VERSION]). Default: the newest one for this model.",
 )
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: chosen by causal tracing).")
 @click.option(
@@ -197,14 +205,15 @@ def _requests_from_file(editor: Any, path: Path, force: bool) -> list[Any]:
 @json_option
 def apply_cmd(
     prompt: str | None, subject: str | None, target: str | None, from_file: Path | None, method: str,
-    layer: int | None, cube_id: str | None, force: bool, store_dir: Path | None, model_dir: Path | None,
-    as_json: bool,
+    editor_ref: str | None, layer: int | None, cube_id: str | None, force: bool, store_dir: Path | None,
+    model_dir: Path | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Rewrite a fact: after PROMPT (which names SUBJECT) the model should say TARGET.
 
     The edit is stored as the next version of an edit cube (kind `edit`) that records subject, old and
     new answer and layer in its origin. With --method grace (the default) every edit joins one growing
-    codebook cube; rome and memit write low-rank weight updates that the node runtime runs like a LoRA.
+    codebook cube; rome, memit and mend write low-rank weight updates that the node runtime runs like a
+    LoRA. mend edits with a trained editor cube (memfed edit train-editor), all requests in one pass.
     """
     from memfed.node.editing.apply import apply_edits
     from memfed.node.editing.editor import Editor
@@ -214,9 +223,12 @@ def apply_cmd(
         raise click.UsageError("give PROMPT with --subject and --target, or --from-file FILE")
     if from_file is not None and prompt:
         raise click.UsageError("give either PROMPT or --from-file, not both")
+    if editor_ref is not None and method != "mend":
+        raise click.UsageError("--editor goes with --method mend")
     model, tokenizer = _load(model_dir, as_json)
     editor = Editor(model, tokenizer)
     with CubeStore(resolve_store(store_dir)) as store:
+        mend = _mend_editor(store, model, tokenizer, editor_ref) if method == "mend" else None
         t0 = time.perf_counter()
         with progress_bar(f"editing ({method})", quiet=as_json):
             report = apply_edits(
@@ -229,6 +241,7 @@ def apply_cmd(
                 single=(prompt, subject, target) if from_file is None else None,
                 requests_from=(lambda: _requests_from_file(editor, from_file, force)) if from_file else None,
                 default_cube=_default_cube(method, subject, from_file),
+                mend=mend,
             )
         report["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
@@ -242,6 +255,89 @@ def apply_cmd(
         )
     console.print(
         f"  {report['seconds']:.1f} s; roll back with `memfed module rollback {report['cube_id']} VERSION`"
+    )
+
+
+def _mend_editor(store: Any, model: Any, tokenizer: Any, ref: str | None) -> Any:
+    """The MEND editor cube ``ref`` (or the newest for ``model``), read for ``model``: NotFoundError when
+    there is none, IncompatibleModelError when it was trained for another base model."""
+    from memfed.cube.manifest import parse_ref
+    from memfed.node.editing.mend_cube import newest_mend, read_mend
+
+    if ref is None:
+        return read_mend(newest_mend(store, model), model, tokenizer)
+    cube_id, version = parse_ref(ref)
+    return read_mend(store.get(cube_id, version or store.current_version(cube_id)), model, tokenizer)
+
+
+# -- train-editor -------------------------------------------------------------------------------------
+
+
+@edit.command("train-editor")
+@click.option(
+    "--cases",
+    "cases_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CounterFact-format cases; the editor trains on their train split only. Default: the shipped "
+    "file for the embedded model.",
+)
+@click.option(
+    "--layer", "layers", type=int, multiple=True, help="Layer to edit (repeatable; default: traced)."
+)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps (default 400).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cube", "cube_id", default="mend-editor", show_default=True, help="Cube id of the editor.")
+@store_option
+@model_option
+@json_option
+def train_editor_cmd(
+    cases_file: Path | None, layers: tuple[int, ...], steps: int | None, seed: int, cube_id: str,
+    store_dir: Path | None, model_dir: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Train a MEND editor for the model and store it as an editor cube bound to that model.
+
+    The editor learns to turn one edit's gradient at the subject into a weight update (a network per
+    edited layer), on the train split of the cases (split by subject); afterwards `memfed edit apply
+    --method mend` edits in milliseconds, with no optimization loop.
+    """
+    from dataclasses import replace
+
+    from memfed.node.conversion.triggers import next_version
+    from memfed.node.editing.counterfact import load_cases, split_cases
+    from memfed.node.editing.editor import Editor
+    from memfed.node.editing.mend import MendConfig
+    from memfed.node.editing.mend_cube import mend_cube
+    from memfed.node.editing.mend_train import train_mend
+    from memfed.node.store import CubeStore
+
+    config = MendConfig(layers=layers, seed=seed)
+    if steps is not None:
+        config = replace(config, steps=steps)
+    train, test = split_cases(load_cases(cases_file))
+    config.check()
+    model, tokenizer = _load(model_dir, as_json)
+    editor = Editor(model, tokenizer)
+    for layer in config.layers:
+        editor.check_layer(layer)
+    if not config.layers:
+        config = replace(config, layers=(editor.choose_layer([c.request() for c in train[:4]], "all"),))
+    with CubeStore(resolve_store(store_dir)) as store:
+        version = next_version(store, cube_id)
+        with progress_bar("training the MEND editor", quiet=as_json) as update:
+            mend = train_mend(
+                model, tokenizer, train, config, editor.second_moments, fingerprint=editor.fingerprint,
+                progress=update,
+            )  # fmt: skip
+        cube = mend_cube(mend, cube_id=cube_id, version=version)
+        store.put(cube.manifest, cube.payload)
+    data = {"ref": cube.ref, "train_cases": len(train), "held_out_cases": len(test), **mend.info}
+    if as_json:
+        emit_json(data)
+        return
+    console.print(
+        f"stored MEND editor [bold]{cube.ref}[/] (layers {mend.info['layers']}, {len(train)} training "
+        f"cases, {mend.info['train_seconds']} s); edit with `memfed edit apply ... --method mend`"
     )
 
 
@@ -324,10 +420,14 @@ def show_cmd(ref: str, store_dir: Path | None, as_json: bool) -> None:
     default="rome",
     show_default=True,
     help="rome: each case edited alone; memit: all cases in one batch; grace: all cases one after "
-    "another into one codebook; none: the unedited model.",
+    "another into one codebook; mend: each case alone with the trained editor; none: the unedited model.",
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N cases.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: chosen by causal tracing).")
+@click.option(
+    "--editor", "editor_ref", default=None, help="With --method mend: the editor cube (default: the newest)."
+)
+@store_option
 @model_option
 @json_option
 def eval_cmd(
@@ -335,6 +435,8 @@ def eval_cmd(
     method: str,
     limit: int | None,
     layer: int | None,
+    editor_ref: str | None,
+    store_dir: Path | None,
     model_dir: Path | None,
     as_json: bool,
 ) -> None:
@@ -349,8 +451,14 @@ def eval_cmd(
     cases = load_cases(cases_file, limit=limit)
     model, tokenizer = _load(model_dir, as_json)
     editor = Editor(model, tokenizer)
+    mend = None
+    if method == "mend":
+        from memfed.node.store import CubeStore
+
+        with CubeStore(resolve_store(store_dir)) as store:
+            mend = _mend_editor(store, model, tokenizer, editor_ref)
     with progress_bar(f"evaluating {method} on {len(cases)} cases", quiet=as_json):
-        summary = evaluate_method(editor, cases, method, layer=layer)
+        summary = evaluate_method(editor, cases, method, layer=layer, mend=mend)
     summary["file"] = str(cases_file or COUNTERFACT_PATH)
     if as_json:
         emit_json(summary)

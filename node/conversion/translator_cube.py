@@ -5,13 +5,16 @@ bound to one base model's fingerprint). Its payload is safetensors only: θ's we
 regularized inverse key statistics it generates with (``c_inv.<layer>``); its config is JSON in the
 safetensors header (covered by the digest), and the manifest's annotations name the form. Nothing is
 unpickled or executed: a cube that does not have exactly the tensors its config implies is refused.
+
+The first half is what any ``editor`` cube needs (build, read back checked, find the newest for a model);
+the MEND fact editor (``node/editing/mend_cube.py``) is stored with the same helpers.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +38,96 @@ METHOD = "translator-train"
 DEFAULT_CUBE_ID = "translator"
 
 
+def editor_cube(
+    fingerprint: cube_pb2.BaseModelFingerprint,
+    tensors: dict[str, torch.Tensor],
+    *,
+    form: str,
+    config_key: str,
+    config: dict[str, Any],
+    cube_id: str,
+    version: str,
+    origin: cube_pb2.Origin,
+    owner: str = "",
+    tags: Iterable[str] = (),
+    annotations: dict[str, str] | None = None,
+) -> MemCube:
+    """An ``editor`` cube (a network that writes modules: a translator, a MEND editor) bound to the base
+    model it was trained on: ``form`` in the annotations and the header, ``config`` as JSON in the header
+    (covered by the digest), the weights as safetensors."""
+    metadata = {FORM_KEY: form, config_key: json.dumps(config, sort_keys=True)}
+    return tensor_cube(fingerprint, tensors, "editor", cube_id=cube_id, version=version, origin=origin,
+                       owner=owner, tags=tags, metadata=metadata,
+                       annotations={FORM_KEY: form, **(annotations or {})})  # fmt: skip
+
+
+def is_editor_form(manifest: cube_pb2.CubeManifest, form: str) -> bool:
+    return kind_name(manifest.kind) == "editor" and manifest.annotations.get(FORM_KEY) == form
+
+
+def read_editor_payload(
+    cube: MemCube, model: torch.nn.Module, *, form: str, config_key: str, what: str, hint: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config as a JSON object, tensors) of an editor cube of ``form``, made for ``model``.
+
+    Refuses, with typed errors: a cube of another kind or form (InvalidManifestError), one made for
+    another base model (IncompatibleModelError), a payload that does not name its form, a config that is
+    not a JSON object, non-finite tensors (InvalidArgumentError). Nothing is unpickled or executed; the
+    caller checks the tensors against the shapes its config implies (``check_tensor_shapes``).
+    """
+    m = cube.manifest
+    ref = ref_string(m)
+    if not is_editor_form(m, form):
+        raise InvalidManifestError(
+            f"cube {ref} is a {kind_name(m.kind)} cube of form {m.annotations.get(FORM_KEY, '-')!r}, "
+            f"not a {what} ({form})",
+            hint=hint,
+        )
+    cube.verify()
+    check_base_model(m.base_model, model, what=f"{what} {ref}")
+    meta = read_header(cube.payload).get("__metadata__", {}) or {}
+    if meta.get(FORM_KEY) != form:
+        raise InvalidArgumentError(f"{what} {ref}: the payload does not say it is a {form}")
+    try:
+        raw = json.loads(meta.get(config_key, ""))
+    except ValueError as exc:
+        raise InvalidArgumentError(f"{what} {ref}: its config is not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgumentError(f"{what} {ref}: its config is not a JSON object")
+    tensors = {k: v.clone() for k, v in tensor_views(cube.payload).items()}
+    return raw, tensors
+
+
+def check_tensor_shapes(
+    tensors: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]], what: str
+) -> None:
+    """InvalidArgumentError unless ``tensors`` are exactly ``want`` (names and shapes), all finite."""
+    have = {k: tuple(v.shape) for k, v in tensors.items()}
+    if have != want:
+        wrong = sorted(set(have.items()) ^ set(want.items()))[:4]
+        raise InvalidArgumentError(
+            f"{what}: its tensors do not match its config (first differences: {wrong})",
+            hint="the cube is damaged or was made by another memfed; train a new one",
+        )
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t.float()).all()):
+            raise InvalidArgumentError(f"{what}: tensor {name} holds NaN or Inf values")
+
+
+def newest_editor(store: CubeStore, model: torch.nn.Module, form: str, *, what: str, hint: str) -> MemCube:
+    """The newest live editor cube of ``form`` in ``store`` made for ``model``; NotFoundError if none."""
+    fid = fingerprint_model(model).fingerprint_id
+    found = [
+        m
+        for m in store.list(states=("generated", "activated", "merged"))
+        if is_editor_form(m, form) and m.base_model.fingerprint_id == fid
+    ]
+    if not found:
+        raise NotFoundError(f"no {what} for this model in the store", hint=hint)
+    newest = max(found, key=lambda m: (m.created_at.seconds, m.created_at.nanos))
+    return store.get(newest.cube_id, newest.version)
+
+
 def translator_cube(
     translator: Translator,
     *,
@@ -46,21 +139,21 @@ def translator_cube(
     """The translator as an ``editor`` cube bound to the base model it was trained on."""
     tensors = {f"net.{k}": v.detach().float().cpu() for k, v in translator.net.state_dict().items()}
     tensors.update({f"c_inv.{layer}": c.float().cpu() for layer, c in translator.c_inv.items()})
-    metadata = {FORM_KEY: FORM, CONFIG_KEY: json.dumps(translator.config.to_json_dict(), sort_keys=True)}
     origin = cube_pb2.Origin(
         method=METHOD,
         description="parameter translator: document facts -> LoRA factors in one forward pass, trained "
         "end to end on synthetic documents of fresh facts",
         params={k: str(v) for k, v in translator.info.items()},
     )
-    annotations = {FORM_KEY: FORM, "memfed.translator.layers": ",".join(map(str, translator.config.layers))}
-    return tensor_cube(translator.fingerprint, tensors, "editor", cube_id=cube_id, version=version,
-                       origin=origin, owner=owner, tags=tags, metadata=metadata,
-                       annotations=annotations)  # fmt: skip
+    layers = ",".join(map(str, translator.config.layers))
+    return editor_cube(translator.fingerprint, tensors, form=FORM, config_key=CONFIG_KEY,
+                       config=translator.config.to_json_dict(), cube_id=cube_id, version=version,
+                       origin=origin, owner=owner, tags=tags,
+                       annotations={"memfed.translator.layers": layers})  # fmt: skip
 
 
 def is_translator(manifest: cube_pb2.CubeManifest) -> bool:
-    return kind_name(manifest.kind) == "editor" and manifest.annotations.get(FORM_KEY) == FORM
+    return is_editor_form(manifest, FORM)
 
 
 def read_translator(cube: MemCube, model: torch.nn.Module) -> Translator:
@@ -70,63 +163,30 @@ def read_translator(cube: MemCube, model: torch.nn.Module) -> Translator:
     another base model (IncompatibleModelError), one whose payload does not match its config: missing,
     extra, misshapen or non-finite tensors, or a malformed config (InvalidArgumentError).
     """
-    m = cube.manifest
-    ref = ref_string(m)
-    if not is_translator(m):
-        raise InvalidManifestError(
-            f"cube {ref} is a {kind_name(m.kind)} cube of form {m.annotations.get(FORM_KEY, '-')!r}, "
-            f"not a parameter translator ({FORM})",
-            hint="train one with: memfed memory translator train",
-        )
-    cube.verify()
-    check_base_model(m.base_model, model, what=f"translator {ref}")
-    meta = read_header(cube.payload).get("__metadata__", {}) or {}
-    if meta.get(FORM_KEY) != FORM:
-        raise InvalidArgumentError(f"translator {ref}: the payload does not say it is a {FORM}")
-    try:
-        raw = json.loads(meta.get(CONFIG_KEY, ""))
-    except ValueError as exc:
-        raise InvalidArgumentError(f"translator {ref}: its config is not JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise InvalidArgumentError(f"translator {ref}: its config is not a JSON object")
+    raw, tensors = read_editor_payload(
+        cube, model, form=FORM, config_key=CONFIG_KEY, what="parameter translator",
+        hint="train one with: memfed memory translator train",
+    )  # fmt: skip
+    ref = cube.ref
     config = TranslatorConfig.from_json_dict(raw)
     layout = layout_of(model)
     config.check(layout.num_layers)
-    tensors = {k: v.clone() for k, v in tensor_views(cube.payload).items()}
     net = TranslatorNet(feature_dim(layout.value_dim), layout.value_dim, len(config.layers), config.hidden)
     want = {f"net.{k}": tuple(v.shape) for k, v in net.state_dict().items()}
     want.update({f"c_inv.{layer}": (layout.key_dim, layout.key_dim) for layer in config.layers})
-    have = {k: tuple(v.shape) for k, v in tensors.items()}
-    if have != want:
-        wrong = sorted(set(have.items()) ^ set(want.items()))[:4]
-        raise InvalidArgumentError(
-            f"translator {ref}: its tensors do not match its config (first differences: {wrong})",
-            hint="the cube is damaged or was made by another memfed; train a new one",
-        )
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(t.float()).all()):
-            raise InvalidArgumentError(f"translator {ref}: tensor {name} holds NaN or Inf values")
+    check_tensor_shapes(tensors, want, f"translator {ref}")
     net.load_state_dict({k[len("net.") :]: v.float() for k, v in tensors.items() if k.startswith("net.")})
     net.eval()
     device = next(model.parameters()).device
     c_inv = {layer: tensors[f"c_inv.{layer}"].float() for layer in config.layers}
-    info = {k: str(v) for k, v in m.origin.params.items()}
+    info = {k: str(v) for k, v in cube.manifest.origin.params.items()}
     info["ref"] = ref
-    return Translator(net.to(device), config, c_inv, layout, m.base_model, info)
+    return Translator(net.to(device), config, c_inv, layout, cube.manifest.base_model, info)
 
 
 def newest_translator(store: CubeStore, model: torch.nn.Module) -> MemCube:
     """The newest live translator cube in ``store`` made for ``model``; NotFoundError when there is none."""
-    fid = fingerprint_model(model).fingerprint_id
-    found = [
-        m
-        for m in store.list(states=("generated", "activated", "merged"))
-        if is_translator(m) and m.base_model.fingerprint_id == fid
-    ]
-    if not found:
-        raise NotFoundError(
-            "no parameter translator for this model in the store",
-            hint="train one first: memfed memory translator train",
-        )
-    newest = max(found, key=lambda m: (m.created_at.seconds, m.created_at.nanos))
-    return store.get(newest.cube_id, newest.version)
+    return newest_editor(
+        store, model, FORM, what="parameter translator",
+        hint="train one first: memfed memory translator train",
+    )  # fmt: skip

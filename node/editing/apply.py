@@ -18,6 +18,7 @@ from memfed.node.editing.cubes import codebook_cube, lowrank_cube, read_edit
 from memfed.node.editing.editor import Editor
 from memfed.node.editing.lineage import next_version
 from memfed.node.editing.lowrank import LowRankEdit, apply_to_weights
+from memfed.node.editing.mend import MendEditor
 from memfed.node.editing.value import EditRequest
 from memfed.node.store import CubeStore
 
@@ -35,12 +36,27 @@ def apply_edits(
     layer: int | None = None,
     cube_id: str | None = None,
     force: bool = False,
+    mend: MendEditor | None = None,
 ) -> dict[str, Any]:
-    """Make the edits (one request, or ``requests_from()``), store the next cube version, report it."""
-    if method not in ("grace", "rome", "memit"):
-        raise InvalidArgumentError(f"unknown edit method {method!r}", hint="use grace, rome or memit")
+    """Make the edits (one request, or ``requests_from()``), store the next cube version, report it.
+
+    ``mend``: the trained editor ``method="mend"`` edits with (checked against the model first: an editor
+    trained for another base model is refused with IncompatibleModelError before anything changes)."""
+    if method not in ("grace", "rome", "memit", "mend"):
+        raise InvalidArgumentError(f"unknown edit method {method!r}", hint="use grace, rome, memit or mend")
     if layer is not None:
         editor.check_layer(layer)
+    if method == "mend":
+        if mend is None:
+            raise InvalidArgumentError(
+                "the mend method needs a trained editor", hint="memfed edit train-editor"
+            )
+        mend.check_model(editor.model)
+        if layer is not None and layer not in mend.layers:
+            raise InvalidArgumentError(
+                f"the MEND editor edits layers {list(mend.layers)}, not layer {layer}",
+                hint="leave --layer out (the editor's layers are fixed when it is trained)",
+            )
     nv = next_version(store, cube_id or default_cube)
     parent = read_edit(nv.parent) if nv.parent is not None else None
     if nv.parent is not None:
@@ -62,7 +78,9 @@ def apply_edits(
     if wants_codebook:
         cube, reqs, layers, answers = _codebook(editor, parent, requests, layer, nv)  # type: ignore[arg-type]
     else:
-        cube, reqs, layers, answers = _lowrank(editor, parent, requests, layer, nv, method)  # type: ignore[arg-type]
+        cube, reqs, layers, answers = _lowrank(
+            editor, parent, requests, layer, nv, method, mend if method == "mend" else None
+        )  # type: ignore[arg-type]
     store.put(cube.manifest, cube.payload)
     return {
         "cube": cube.ref,
@@ -118,16 +136,21 @@ def _lowrank(
     layer: int | None,
     nv: Any,
     method: str,
+    mend: MendEditor | None = None,
 ) -> tuple[Any, list[EditRequest], list[int], list[str]]:
     with ExitStack() as stack:
         if parent is not None:
             stack.enter_context(apply_to_weights(editor.model, parent))
         reqs = requests()
-        if layer is None:
+        if layer is None and mend is None:
             layer = editor.choose_layer(reqs, "all")
         new: LowRankEdit | None = None
         layers: Sequence[int]
-        if method == "rome":
+        if mend is not None:  # all requests in one pass of the editor, on the model the parent leaves
+            layers = mend.layers
+            new = mend.edit(reqs)
+            stack.enter_context(apply_to_weights(editor.model, new))
+        elif method == "rome":
             layers = [layer]
             for req in reqs:  # one after another, each on the model the previous ones left
                 edit = editor.rome(req, layer).edit

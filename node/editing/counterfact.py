@@ -22,6 +22,7 @@ model already produces for other subjects), preferring the fact's ``alt_target``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -155,6 +156,28 @@ def load_cases(path: str | Path | None = None, *, limit: int | None = None) -> l
         raise InvalidArgumentError(f"{p} holds no cases")
     cases = [parse_case(r, f"{p.name} case {i}") for i, r in enumerate(records[:limit] if limit else records)]
     return cases
+
+
+TEST_FRACTION = 0.3
+
+
+def split_cases(
+    cases: Sequence[EditCase], *, test_fraction: float = TEST_FRACTION
+) -> tuple[list[EditCase], list[EditCase]]:
+    """(train, test) split of ``cases`` by *subject*: every case of a subject lands on the same side, so a
+    learned editor is evaluated on subjects it never saw edited (not merely on other facts of known ones).
+
+    The side is a hash of the subject name (stable across runs, Python versions and file order), so adding
+    cases never moves an existing one to the other side.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise InvalidArgumentError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    train: list[EditCase] = []
+    test: list[EditCase] = []
+    for case in cases:
+        h = int.from_bytes(hashlib.sha256(case.subject.encode("utf-8")).digest()[:8], "big")
+        (test if h / 2**64 < test_fraction else train).append(case)
+    return train, test
 
 
 def case_record(case: EditCase) -> dict[str, Any]:

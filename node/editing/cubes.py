@@ -7,7 +7,11 @@ Two payload forms, both of kind ``edit``:
   a LoRA module (O(1) activation, removed by deactivating, base weights untouched) and PEFT export works;
 - **codebook** (GRACE): tensors ``keys``, ``key_len``, ``values``, ``radii``; the layer, the mode and the
   edit records live in the payload's safetensors header (so the digest covers them), and the manifest's
-  annotations say it is a codebook and at which layer.
+  annotations say it is a codebook and at which layer;
+- **scope** (SERAC-style edit memory, ``memfed.node.editing.scope``): the scope classifier's IDF table,
+  the edits' subject keys (CSR: ``key_ids``, ``key_weights``, ``key_offsets``) and the records as a
+  UTF-8 JSON tensor ``records_utf8``; the threshold and n-gram spec in the header. No weights change: it
+  is served by ``ScopedModel``, not attached.
 
 Governance: the manifest's origin records what an edit changed, ``subject: old → new`` per fact, the
 method and the layers; a new version of an edit cube names its parent digest in ``version_chain``, so a
@@ -30,6 +34,7 @@ from memfed.errors import InvalidArgumentError, UnsupportedError
 from memfed.mip.v1 import cube_pb2
 from memfed.node.editing.codebook import Codebook, CodebookHook
 from memfed.node.editing.lowrank import LowRankEdit, WeightHandle, apply_to_weights
+from memfed.node.editing.scope import EditMemory
 from memfed.node.editing.value import EditRequest
 
 FORM_KEY = "memfed.edit.form"  # annotation: "low-rank" or "codebook"
@@ -143,8 +148,37 @@ def codebook_cube(
                        metadata=codebook.metadata(), annotations=annotations)  # fmt: skip
 
 
+def scope_cube(
+    model: torch.nn.Module | cube_pb2.BaseModelFingerprint,
+    memory: EditMemory,
+    *,
+    cube_id: str,
+    version: str = "1.0.0",
+    version_chain: Iterable[str] = (),
+    lifecycle: str = "generated",
+    owner: str = "",
+    tags: Iterable[str] = (),
+) -> MemCube:
+    """An ``edit`` cube holding a SERAC-style edit memory (see the module docstring)."""
+    requests = [
+        EditRequest(r["prompt"], r["subject"], r["target"], r.get("old_target"), r.get("case_id"))
+        for r in memory.records
+    ]
+    origin = edit_origin("serac", requests[-_MAX_SOURCES:], [], threshold=memory.threshold)
+    origin.params["facts"] = str(len(requests))
+    annotations = {
+        FORM_KEY: "scope",
+        METHOD_KEY: "serac",
+        LAYERS_KEY: "",
+        "memfed.edit.entries": str(memory.size),
+    }
+    return tensor_cube(model, memory.tensors(), "edit", cube_id=cube_id, version=version, origin=origin,
+                       lifecycle=lifecycle, version_chain=version_chain, owner=owner, tags=tags,
+                       metadata=memory.metadata(), annotations=annotations)  # fmt: skip
+
+
 def edit_form(manifest: CubeManifest) -> str:
-    """``"low-rank"`` or ``"codebook"``; UnsupportedError for a cube that is not an edit cube."""
+    """``"low-rank"``, ``"codebook"`` or ``"scope"``; UnsupportedError for a cube that is not an edit cube."""
     if kind_name(manifest.kind) != "edit":
         raise UnsupportedError(
             f"cube {ref_string(manifest)} is a {kind_name(manifest.kind)} cube, not an edit cube",
@@ -153,21 +187,23 @@ def edit_form(manifest: CubeManifest) -> str:
     form = manifest.annotations.get(FORM_KEY)
     if form is None:
         form = "low-rank" if manifest.payload.WhichOneof("spec") == "lora" else "codebook"
-    if form not in ("low-rank", "codebook"):
+    if form not in ("low-rank", "codebook", "scope"):
         raise UnsupportedError(f"edit cube {ref_string(manifest)} has an unknown form {form!r}")
     return form
 
 
-def read_edit(cube: MemCube) -> LowRankEdit | Codebook:
-    """The edit a cube holds: a LowRankEdit (factors, with their LoRA scaling folded in) or a Codebook."""
+def read_edit(cube: MemCube) -> LowRankEdit | Codebook | EditMemory:
+    """The edit a cube holds: a LowRankEdit (factors, with their LoRA scaling folded in), a Codebook or
+    an EditMemory."""
     cube.verify()
     tensors = {k: v.clone() for k, v in tensor_views(cube.payload).items()}
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise InvalidArgumentError(f"cube {cube.ref}: tensor {name} holds NaN or Inf values")
-    if edit_form(cube.manifest) == "codebook":
+    form = edit_form(cube.manifest)
+    if form in ("codebook", "scope"):
         meta = read_header(cube.payload).get("__metadata__", {})
-        return Codebook.from_parts(tensors, meta)
+        return (Codebook if form == "codebook" else EditMemory).from_parts(tensors, meta)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for target in cube.manifest.payload.lora.targets:
         a = tensors.get(f"{target.module}.lora_A.weight")
@@ -212,6 +248,11 @@ def attach(model: torch.nn.Module, cube: MemCube) -> AttachedEdit:
 
     check_base_model(cube.manifest.base_model, model, what=f"edit cube {cube.ref}")
     edit = read_edit(cube)
+    if isinstance(edit, EditMemory):
+        raise UnsupportedError(
+            f"edit cube {cube.ref} is an edit memory (SERAC-style): it changes no weights and no layer",
+            hint="serve it with memfed.node.editing.scope_path.ScopedModel (scoped_answer)",
+        )
     if isinstance(edit, Codebook):
         try:
             model.get_submodule(edit.module)
@@ -226,12 +267,12 @@ def describe_edit(cube: MemCube) -> dict[str, Any]:
     m = cube.manifest
     form = edit_form(m)
     changes: list[str]
-    if form == "codebook":
-        codebook = read_edit(cube)
-        assert isinstance(codebook, Codebook)
+    if form in ("codebook", "scope"):
+        held = read_edit(cube)
+        assert isinstance(held, Codebook | EditMemory)
         changes = [
             f"{r['subject']}: {r.get('old_target', '?')} → {r['target']}  ({r['prompt']!r})"
-            for r in codebook.records
+            for r in held.records
         ]
     else:
         changes = list(m.origin.sources)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,11 @@ from memfed.node.editing.counterfact import EditCase
 from memfed.node.editing.text import Encoded, encode, pad_batch, pad_id, target_logprobs
 
 _BATCH = 96
+
+# An answer path other than the model's own forward (a scoped edit memory, ``memfed.node.editing.scope``):
+# logits (b, t, vocab) of a right-padded batch of ids (b, t), given each row's prompt length (what follows
+# the prompt is the answer being scored or decoded).
+Forward = Callable[[torch.Tensor, Sequence[int]], torch.Tensor]
 
 
 @dataclass
@@ -68,6 +74,7 @@ class Evaluator:
         self.device = next(model.parameters()).device
         self.pad = pad_id(tokenizer)
         self.reference: dict[str, _Reference] = {}
+        self.forward: Forward | None = None  # see ``routed``; None while the reference is recorded
         missing = [c for c in self.cases if c.target_true is None]
         answers = self._greedy([c.prompt for c in missing], 6)
         true_of = {c.case_id: self._answer_text(a) for c, a in zip(missing, answers, strict=True)}
@@ -93,18 +100,37 @@ class Evaluator:
         """The answer the edit replaces: the case's target_true, or the unedited model's own answer."""
         return self.reference[case.case_id].true
 
+    @contextmanager
+    def routed(self, forward: Forward) -> Iterator[Evaluator]:
+        """Score through ``forward`` instead of the model while the block runs: the measures then read
+        an answer path that decides per prompt what answers it (a SERAC-style scoped edit memory)."""
+        self.forward = forward
+        try:
+            yield self
+        finally:
+            self.forward = None
+
     # -- model calls ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _run(self, seqs: Sequence[Sequence[int]], read: Callable[[int, torch.Tensor], Any]) -> list[Any]:
+    def _run(
+        self,
+        seqs: Sequence[Sequence[int]],
+        read: Callable[[int, torch.Tensor], Any],
+        prompt_lens: Sequence[int] | None = None,
+    ) -> list[Any]:
         """``read(i, logits of sequence i)`` for every sequence, in batches of similar length; only what
-        ``read`` returns is kept (a thousand cases' full logits would take gigabytes)."""
+        ``read`` returns is kept (a thousand cases' full logits would take gigabytes). ``prompt_lens``:
+        where each sequence's prompt ends (needed by a routed answer path only)."""
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         result: list[Any] = [None] * len(seqs)
         for start in range(0, len(order), _BATCH):
             idx = order[start : start + _BATCH]
             batch = pad_batch([seqs[i] for i in idx], self.pad, self.device)
-            logits = self.model(input_ids=batch.ids).logits
+            if self.forward is not None and prompt_lens is not None:
+                logits = self.forward(batch.ids, [prompt_lens[i] for i in idx])
+            else:
+                logits = self.model(input_ids=batch.ids).logits
             for j, i in enumerate(idx):
                 result[i] = read(i, logits[j, : len(seqs[i])].float())
         return result
@@ -124,7 +150,9 @@ class Evaluator:
         gen: list[list[int]] = [[] for _ in seqs]
         for _ in range(steps):
             nxt = self._run(
-                [s + g for s, g in zip(seqs, gen, strict=True)], lambda i, lg: int(lg[-1].argmax())
+                [s + g for s, g in zip(seqs, gen, strict=True)],
+                lambda i, lg: int(lg[-1].argmax()),
+                [len(s) for s in seqs],
             )
             for g, token in zip(gen, nxt, strict=True):
                 g.append(token)
@@ -192,7 +220,7 @@ class Evaluator:
             pred = lg[len(it.ids) - 1 : len(it.ids) - 1 + len(it.target)].argmax(-1).tolist()
             return float(lp.mean()), pred == list(it.target)
 
-        reads = self._run([it.ids + it.target[:-1] for it in items], read)
+        reads = self._run([it.ids + it.target[:-1] for it in items], read, [len(it.ids) for it in items])
         mean_lp = [r[0] for r in reads]
         exact = [r[1] for r in reads]
         per: list[dict[str, list[Any]]] = [{} for _ in cases]

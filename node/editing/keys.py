@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 from memfed.node.editing.arch import ModelLayout
 from memfed.node.editing.hooks import patch_output, record
 from memfed.node.editing.stats import corpus_digest
-from memfed.node.editing.text import encode, pad_batch, pad_id
+from memfed.node.editing.text import Encoded, encode, pad_batch, pad_id
 
 _SEEDS = ("The", "In", "A", "Question:", "It")
 _CORPUS_PREFIX_MEMO: dict[tuple[str, int, int], tuple[str, ...]] = {}
@@ -92,6 +92,20 @@ class GroupReads:
         return self.tensors[name]
 
 
+def subject_groups(
+    enc: Sequence[Encoded], rows: Iterable[int], token: str
+) -> dict[tuple[tuple[int, ...], int], list[tuple[int, int]]]:
+    """The (row, position) reads of one request's ``rows`` of ``enc`` grouped by (the subject's token ids
+    as tokenized there, index in them): each group is one key (see ``read_groups``)."""
+    groups: dict[tuple[tuple[int, ...], int], list[tuple[int, int]]] = {}
+    for i in rows:
+        e = enc[i]
+        form = e.ids[e.subject_first : e.subject_last + 1]
+        for pos in e.positions(token):
+            groups.setdefault((form, pos - e.subject_first), []).append((i, pos))
+    return groups
+
+
 @torch.no_grad()
 def read_groups(
     layout: ModelLayout,
@@ -136,12 +150,7 @@ def read_groups(
     seen = {**seen_in, **seen_out}
     result = []
     for r in range(len(requests)):
-        groups: dict[tuple[tuple[int, ...], int], list[tuple[int, int]]] = {}
-        for i in range(r * len(prefixes), (r + 1) * len(prefixes)):
-            e = enc[i]
-            form = e.ids[e.subject_first : e.subject_last + 1]
-            for pos in e.positions(token):
-                groups.setdefault((form, pos - e.subject_first), []).append((i, pos))
+        groups = subject_groups(enc, range(r * len(prefixes), (r + 1) * len(prefixes)), token)
         tensors = {
             name: torch.stack(
                 [torch.stack([t[i, pos] for i, pos in at]).float().mean(0) for at in groups.values()]

@@ -3,6 +3,8 @@
 - ``single_edits`` (ROME): every case edited alone on the unedited model, scored, undone;
 - ``batch_edit`` (MEMIT): all cases as one edit; neighbours that are in the batch are not locality;
 - ``sequential_codebook`` (GRACE): all cases one after another into one codebook, scored after the last;
+- ``mend_edits`` / ``mend_batch``: a trained MEND editor on each case alone (ROME's protocol), or on all
+  cases in one call (MEMIT's);
 - ``finetune_edits``: the baseline, a LoRA trained on each fact alone;
 - ``unedited``: the model as it is (what the measures read with no edit).
 
@@ -21,7 +23,9 @@ from memfed.node.editing.counterfact import EditCase
 from memfed.node.editing.editor import Editor
 from memfed.node.editing.evaluate import CaseScore, Evaluator, fluency_before, summarize
 from memfed.node.editing.finetune import finetuned
+from memfed.node.editing.keys import context_prefixes
 from memfed.node.editing.lowrank import apply_to_weights
+from memfed.node.editing.mend import MendEditor
 
 
 def _request(case: EditCase, ev: Evaluator) -> Any:
@@ -97,6 +101,40 @@ def sequential_codebook(
     return summary
 
 
+def mend_edits(mend: MendEditor, cases: Sequence[EditCase]) -> dict[str, float]:
+    """The MEND editor on each case alone, scored like ``single_edits``; adds ``seconds_per_edit`` (one
+    forward/backward and one pass of the editor; the context prefixes are sampled once per model, before)."""
+    model, tokenizer = mend.layout.model, mend.tokenizer
+    ev = Evaluator(model, tokenizer, cases)
+    context_prefixes(model, tokenizer)
+    scores: list[CaseScore] = []
+    seconds = 0.0
+    for case in cases:
+        t0 = time.perf_counter()
+        edit = mend.edit([_request(case, ev)])
+        seconds += time.perf_counter() - t0
+        with apply_to_weights(model, edit):
+            scores.extend(ev.score([case]))
+    summary = summarize(scores)
+    summary["seconds_per_edit"] = round(seconds / max(1, len(cases)), 5)
+    return summary
+
+
+def mend_batch(mend: MendEditor, cases: Sequence[EditCase]) -> dict[str, float]:
+    """The MEND editor on all cases in one call (the sum of their updates), scored like ``batch_edit``;
+    adds ``seconds`` and ``rank``."""
+    model, tokenizer = mend.layout.model, mend.tokenizer
+    ev = Evaluator(model, tokenizer, cases)
+    context_prefixes(model, tokenizer)
+    t0 = time.perf_counter()
+    edit = mend.edit([_request(c, ev) for c in cases])
+    seconds = time.perf_counter() - t0
+    with apply_to_weights(model, edit):
+        summary = summarize(ev.score(edited=[c.subject for c in cases]))
+    summary.update(seconds=round(seconds, 4), rank=float(edit.rank))
+    return summary
+
+
 def finetune_edits(editor: Editor, cases: Sequence[EditCase]) -> dict[str, float]:
     """The baseline: a PEFT LoRA trained on each case alone; adds ``seconds_per_edit``."""
     ev = Evaluator(editor.model, editor.tokenizer, cases)
@@ -113,13 +151,26 @@ def finetune_edits(editor: Editor, cases: Sequence[EditCase]) -> dict[str, float
 
 
 def evaluate_method(
-    editor: Editor, cases: Sequence[EditCase], method: str, *, layer: int | None = None
+    editor: Editor,
+    cases: Sequence[EditCase],
+    method: str,
+    *,
+    layer: int | None = None,
+    mend: MendEditor | None = None,
 ) -> dict[str, Any]:
-    """Run ``method`` (rome, memit, grace, finetune or none) over ``cases`` and summarize the scores."""
+    """Run ``method`` (rome, memit, grace, mend, finetune or none) over ``cases`` and summarize the scores.
+    ``mend``: the trained editor the mend method uses (each case edited alone)."""
     if not cases:
         raise InvalidArgumentError("no cases to evaluate")
     if method == "none":
         return {"method": method, **unedited(editor, cases)}
+    if method == "mend":
+        if mend is None:
+            raise InvalidArgumentError(
+                "the mend method needs a trained editor", hint="memfed edit train-editor"
+            )
+        mend.check_model(editor.model)
+        return {"method": method, "layer": ",".join(map(str, mend.layers)), **mend_edits(mend, cases)}
     if layer is None:
         layer = editor.choose_layer([c.request() for c in cases[:4]], "all")
     editor.check_layer(layer)
@@ -131,6 +182,6 @@ def evaluate_method(
     }
     if method not in runs:
         raise InvalidArgumentError(
-            f"unknown method {method!r}", hint=f"use one of: {', '.join([*runs, 'none'])}"
+            f"unknown method {method!r}", hint=f"use one of: {', '.join([*runs, 'mend', 'none'])}"
         )
     return {"method": method, "layer": layer, **runs[method]()}
