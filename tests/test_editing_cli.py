@@ -194,3 +194,39 @@ def test_eval_reads_a_counterfact_file(model_dir: Path, tmp_path: Path, capsys) 
 
 def test_the_edit_bench_is_registered() -> None:
     assert BENCHES["edit"] == "memfed.bench.edit:run"
+
+
+def test_scoped_and_gradient_free_edits(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--method serac` grows a scoped edit memory (calibrated on the shipped cases' train split, no
+    training) that `edit ask` answers through; `--method gradfree` stores a low-rank edit like ROME's."""
+    store = str(tmp_path / "store")
+    common = ("--store", store, "--model", str(model_dir), "--json")
+    code, out, err = _run(
+        capsys, "edit", "apply", PROMPT, "--subject", "Veltria", "--target", "Quorn", "--method", "serac",
+        "--cube", "scoped", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    first = json.loads(out)
+    assert first["cube"] == "scoped@1.0.0" and first["method"] == "serac" and first["layers"] == ""
+    assert first["changes"][0]["answer_after"] == "Quorn"
+    code, out, _ = _run(capsys, "edit", "ask", PROMPT, "--cube", "scoped", *common)
+    assert code == 0 and json.loads(out)["edited"] == "Quorn"  # (paraphrases: tests/test_edit_scope.py)
+    code, out, _ = _run(capsys, "edit", "ask", "The capital of Zembla is", "--cube", "scoped", *common)
+    asked = json.loads(out)
+    assert code == 0 and asked["edited"] == asked["unedited"]  # another subject: the untouched model
+    code, out, _ = _run(capsys, "edit", "show", "scoped", "--store", store, "--json")
+    assert code == 0 and json.loads(out)["form"] == "scope"
+    code, _, err = _run(  # a scoped memory cannot take a weight edit as its next version
+        capsys, "edit", "apply", PROMPT, "--subject", "Veltria", "--target", "Dralmouth", "--method", "rome",
+        "--cube", "scoped", *common,
+    )  # fmt: skip
+    assert code != 0 and "scoped edit memory" in err
+    code, out, err = _run(
+        capsys, "edit", "apply", PROMPT, "--subject", "Veltria", "--target", "Quorn", "--method", "gradfree",
+        "--layer", "0", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    stored = json.loads(out)
+    assert stored["method"] == "gradfree" and stored["layers"] == "0"
+    code, out, _ = _run(capsys, "edit", "show", stored["cube_id"], "--store", store, "--json")
+    assert code == 0 and json.loads(out)["method"] == "gradfree"

@@ -21,23 +21,22 @@ open, i.e. the subject classifier alone). The in-context counterfactual path (wi
 context-faithfulness steering vector) is scored on the test cases with the full memory, for the
 comparison the path's docstring states (``serac_context_*`` against ``serac_answer_*``).
 
-Gradient-free (``memfed.node.editing.gradfree``) and ROME: each test case edited alone on the unedited
-model at the same traced layer, scored, undone (``protocols.single_edits``' procedure), in the same run.
+Gradient-free (``memfed.node.editing.gradfree``): each test case edited alone on the unedited model at the
+traced layer, scored, undone (``protocols.each_alone``), on the same cases and layer as ROME in the mend
+part of the same run (``memfed.bench.evolve_mend``).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from memfed.node.editing import protocols
 from memfed.node.editing.counterfact import SEED, EditCase, load_cases, novel_cases, split_cases
 from memfed.node.editing.editor import Editor
-from memfed.node.editing.evaluate import CaseScore, Evaluator, summarize
-from memfed.node.editing.gradfree import gradfree_edit
-from memfed.node.editing.lowrank import apply_to_weights
+from memfed.node.editing.evaluate import Evaluator, summarize
 from memfed.node.editing.scope import EditMemory, calibrate_on_cases, timed_add
 from memfed.node.editing.scope_path import ScopedModel
 
@@ -111,21 +110,6 @@ def subject_locality(
     return out
 
 
-def _single(
-    model: torch.nn.Module, ev: Evaluator, cases: Sequence[EditCase], edit: Callable[[Any], Any]
-) -> tuple[dict[str, float], float]:
-    """Each case edited alone, scored, undone; (summary, milliseconds per edit)."""
-    scores: list[CaseScore] = []
-    seconds = 0.0
-    for case in cases:
-        t0 = time.perf_counter()
-        result = edit(case.request())
-        seconds += time.perf_counter() - t0
-        with apply_to_weights(model, result.edit):
-            scores.extend(ev.score([case]))
-    return summarize(scores), seconds * 1000.0 / max(1, len(cases))
-
-
 def run_part(quick: bool) -> dict[str, float]:
     from memfed.node.models import default_model_dir, load_host_model
 
@@ -191,16 +175,13 @@ def run_part(quick: bool) -> dict[str, float]:
         s = summarize(ev.score(some, edited=edited))
     out.update({f"serac_answer_{k}": s.get(k, 0.0) for k in ("efficacy", "generalization", "locality")})
 
-    # -- gradient-free vs ROME, same cases, same layer, same run --------------------------------------
+    # -- gradient-free, on the test cases ROME runs on in the mend part (memfed.bench.evolve_mend) -----
     editor = Editor(model, tokenizer)
     single = test[: _size("single", quick)]
     layer = editor.choose_layer([c.request() for c in single[:4]], "all")
-    ev1 = Evaluator(model, tokenizer, single)
-    gf, gf_ms = _single(model, ev1, single, lambda r: gradfree_edit(editor, r, layer))
-    rome, rome_ms = _single(model, ev1, single, lambda r: editor.rome(r, layer))
-    for tag, s, ms in (("gradfree", gf, gf_ms), ("rome", rome, rome_ms)):
-        out.update({f"{tag}_{k}": s.get(k, 0.0) for k in ("efficacy", "generalization", "locality")})
-        out[f"{tag}_ms_per_edit"] = round(ms, 1)
+    gf = protocols.gradfree_edits(editor, single, layer)
+    out.update({f"gradfree_{k}": gf.get(k, 0.0) for k in ("efficacy", "generalization", "locality")})
+    out["gradfree_ms_per_edit"] = round(gf["seconds_per_edit"] * 1000.0, 1)
     out["gradfree_cases"] = float(len(single))
     out["gradfree_layer"] = float(layer)
     return out

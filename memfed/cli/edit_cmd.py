@@ -18,7 +18,7 @@ from memfed.cli.options import json_option, model_option, resolve_store, store_o
 from memfed.cli.output import console, emit_json, progress_bar
 from memfed.errors import InvalidArgumentError
 
-METHODS = ("grace", "rome", "memit", "mend")
+METHODS = ("grace", "rome", "memit", "mend", "gradfree", "serac")  # as memfed.node.editing.apply.METHODS
 DEFAULT_CODEBOOK = "edits"
 
 
@@ -183,7 +183,8 @@ def _requests_from_file(editor: Any, path: Path, force: bool) -> list[Any]:
     show_default=True,
     help="grace: codebook entry (for many sequential edits); rome: rank-one weight edit; memit: "
     "one batch edit over several layers; mend: a trained editor's update, milliseconds per edit "
-    "(memfed edit train-editor first).",
+    "(memfed edit train-editor first); gradfree: rank-one edit from forward passes only; serac: an "
+    "entry in a scoped edit memory (no weights change; prompts about the edited fact get the new answer).",
 )
 @click.option(
     "--editor",
@@ -212,8 +213,12 @@ def apply_cmd(
 
     The edit is stored as the next version of an edit cube (kind `edit`) that records subject, old and
     new answer and layer in its origin. With --method grace (the default) every edit joins one growing
-    codebook cube; rome, memit and mend write low-rank weight updates that the node runtime runs like a
-    LoRA. mend edits with a trained editor cube (memfed edit train-editor), all requests in one pass.
+    codebook cube; rome, memit, mend and gradfree write low-rank weight updates that the node runtime runs
+    like a LoRA. mend edits with a trained editor cube (memfed edit train-editor), all requests in one
+    pass; gradfree reads the new value from the model's own hidden states (no backward pass). serac adds
+    the edit to a scoped edit memory: a prompt that asks the edited fact (its subject and its question,
+    as calibrated on the shipped cases' train split) gets the new answer, every other prompt the
+    untouched model (`memfed edit ask --cube CUBE`).
     """
     from memfed.node.editing.apply import apply_edits
     from memfed.node.editing.editor import Editor
@@ -227,6 +232,11 @@ def apply_cmd(
         raise click.UsageError("--editor goes with --method mend")
     model, tokenizer = _load(model_dir, as_json)
     editor = Editor(model, tokenizer)
+    calibration = []
+    if method == "serac":
+        from memfed.node.editing.counterfact import load_cases, split_cases
+
+        calibration = split_cases(load_cases())[0]
     with CubeStore(resolve_store(store_dir)) as store:
         mend = _mend_editor(store, model, tokenizer, editor_ref) if method == "mend" else None
         t0 = time.perf_counter()
@@ -242,12 +252,14 @@ def apply_cmd(
                 requests_from=(lambda: _requests_from_file(editor, from_file, force)) if from_file else None,
                 default_cube=_default_cube(method, subject, from_file),
                 mend=mend,
+                calibration=calibration,
             )
         report["seconds"] = round(time.perf_counter() - t0, 3)
     if as_json:
         emit_json(report)
         return
-    console.print(f"stored [bold]{report['cube']}[/] ({report['method']}, layer {report['layers']})")
+    where = f"layer {report['layers']}" if report["layers"] else "no layer changed"
+    console.print(f"stored [bold]{report['cube']}[/] ({report['method']}, {where})")
     for change in report["changes"]:
         console.print(
             f"  {change['subject']}: {change['old']!r} → {change['new']!r}  "
@@ -361,21 +373,35 @@ def ask_cmd(
     prompt: str, cube_ids: tuple[str, ...], store_dir: Path | None, model_dir: Path | None, as_json: bool
 ) -> None:
     """The model's answer after PROMPT, without and with the current version of the edit cubes."""
+    from memfed.cube.fingerprint import check_base_model
+    from memfed.node.editing.cubes import edit_form, read_edit
     from memfed.node.editing.editor import Editor
-    from memfed.node.editing.lineage import attach_current
+    from memfed.node.editing.lineage import attach_current, current_cube
+    from memfed.node.editing.scope_path import scoped_answer
     from memfed.node.store import CubeStore
 
     model, tokenizer = _load(model_dir, as_json)
     editor = Editor(model, tokenizer)
     before = editor.answer(prompt)
     with CubeStore(resolve_store(store_dir)) as store:
-        attached = attach_current(model, store, cube_ids)
+        # Scoped edit memories change no weights: they decide per prompt, on top of the other edits.
+        memories = [c for c in (current_cube(store, i) for i in cube_ids) if edit_form(c.manifest) == "scope"]
+        if len(memories) > 1:
+            raise click.UsageError("give at most one scoped (serac) edit cube")
+        attached = attach_current(
+            model, store, [i for i in cube_ids if i not in {m.manifest.cube_id for m in memories}]
+        )
         try:
-            after = editor.answer(prompt)
+            if memories:
+                check_base_model(memories[0].manifest.base_model, model, what=f"edit cube {memories[0].ref}")
+                after = scoped_answer(model, tokenizer, read_edit(memories[0]), prompt)  # type: ignore[arg-type]
+            else:
+                after = editor.answer(prompt)
         finally:
             for a in reversed(attached):
                 a.remove()
-    data = {"prompt": prompt, "unedited": before, "edited": after, "cubes": [a.ref for a in attached]}
+    refs = [a.ref for a in attached] + [m.ref for m in memories]
+    data = {"prompt": prompt, "unedited": before, "edited": after, "cubes": refs}
     if as_json:
         emit_json(data)
         return
@@ -416,11 +442,12 @@ def show_cmd(ref: str, store_dir: Path | None, as_json: bool) -> None:
 @click.argument("cases_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "--method",
-    type=click.Choice([*METHODS, "none"]),
+    type=click.Choice([*(m for m in METHODS if m != "serac"), "none"]),
     default="rome",
     show_default=True,
     help="rome: each case edited alone; memit: all cases in one batch; grace: all cases one after "
-    "another into one codebook; mend: each case alone with the trained editor; none: the unedited model.",
+    "another into one codebook; mend: each case alone with the trained editor; gradfree: each case "
+    "alone, forward passes only; none: the unedited model. (Scoped editing: `memfed bench evolve`.)",
 )
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N cases.")
 @click.option("--layer", type=int, default=None, help="Layer to edit (default: chosen by causal tracing).")

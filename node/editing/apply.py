@@ -14,15 +14,19 @@ from typing import Any
 from memfed.cube.fingerprint import check_base_model
 from memfed.errors import InvalidArgumentError
 from memfed.node.editing.codebook import Codebook
-from memfed.node.editing.cubes import codebook_cube, lowrank_cube, read_edit
+from memfed.node.editing.counterfact import EditCase
+from memfed.node.editing.cubes import codebook_cube, lowrank_cube, read_edit, scope_cube
 from memfed.node.editing.editor import Editor
+from memfed.node.editing.gradfree import gradfree_edit
 from memfed.node.editing.lineage import next_version
 from memfed.node.editing.lowrank import LowRankEdit, apply_to_weights
 from memfed.node.editing.mend import MendEditor
+from memfed.node.editing.scope import EditMemory
 from memfed.node.editing.value import EditRequest
 from memfed.node.store import CubeStore
 
 Single = tuple[str | None, str | None, str | None]
+METHODS = ("grace", "rome", "memit", "mend", "gradfree", "serac")
 
 
 def apply_edits(
@@ -37,13 +41,18 @@ def apply_edits(
     cube_id: str | None = None,
     force: bool = False,
     mend: MendEditor | None = None,
+    calibration: Sequence[EditCase] = (),
 ) -> dict[str, Any]:
     """Make the edits (one request, or ``requests_from()``), store the next cube version, report it.
 
     ``mend``: the trained editor ``method="mend"`` edits with (checked against the model first: an editor
-    trained for another base model is refused with IncompatibleModelError before anything changes)."""
-    if method not in ("grace", "rome", "memit", "mend"):
-        raise InvalidArgumentError(f"unknown edit method {method!r}", hint="use grace, rome, memit or mend")
+    trained for another base model is refused with IncompatibleModelError before anything changes).
+    ``calibration``: training cases a *new* scoped memory (``method="serac"``) calibrates its subject and
+    relation thresholds on (``scope.calibrate_on_cases``); without them it keeps the defaults."""
+    if method not in METHODS:
+        raise InvalidArgumentError(f"unknown edit method {method!r}", hint=f"use {', '.join(METHODS)}")
+    if method == "serac" and layer is not None:
+        raise InvalidArgumentError("a scoped (serac) edit changes no layer", hint="leave --layer out")
     if layer is not None:
         editor.check_layer(layer)
     if method == "mend":
@@ -61,9 +70,11 @@ def apply_edits(
     parent = read_edit(nv.parent) if nv.parent is not None else None
     if nv.parent is not None:
         check_base_model(nv.parent.manifest.base_model, editor.model, what=f"edit cube {nv.parent.ref}")
-    wants_codebook = method == "grace"
-    if parent is not None and isinstance(parent, Codebook) != wants_codebook:
-        held = "a codebook" if isinstance(parent, Codebook) else "a low-rank (ROME/MEMIT) edit"
+    wants = {"grace": Codebook, "serac": EditMemory}.get(method, LowRankEdit)
+    if parent is not None and not isinstance(parent, wants):
+        held = {Codebook: "a codebook", EditMemory: "a scoped edit memory"}.get(
+            type(parent), "a low-rank edit"
+        )
         raise InvalidArgumentError(
             f"cube {nv.parent.ref} holds {held}; a {method} edit cannot be its next version",  # type: ignore[union-attr]
             hint="give another --cube id, or the matching --method",
@@ -75,8 +86,10 @@ def apply_edits(
         prompt, subject, target = single  # type: ignore[misc]
         return [editor.request(prompt or "", subject or "", target or "", force=force)]
 
-    if wants_codebook:
+    if method == "grace":
         cube, reqs, layers, answers = _codebook(editor, parent, requests, layer, nv)  # type: ignore[arg-type]
+    elif method == "serac":
+        cube, reqs, layers, answers = _scope(editor, parent, requests, nv, calibration)  # type: ignore[arg-type]
     else:
         cube, reqs, layers, answers = _lowrank(
             editor, parent, requests, layer, nv, method, mend if method == "mend" else None
@@ -150,6 +163,12 @@ def _lowrank(
             layers = mend.layers
             new = mend.edit(reqs)
             stack.enter_context(apply_to_weights(editor.model, new))
+        elif method == "gradfree":  # forward passes only, each on the model the previous ones left
+            layers = [layer]
+            for req in reqs:
+                edit = gradfree_edit(editor, req, layer).edit
+                stack.enter_context(apply_to_weights(editor.model, edit))
+                new = edit if new is None else new.concat(edit)
         elif method == "rome":
             layers = [layer]
             for req in reqs:  # one after another, each on the model the previous ones left
@@ -169,3 +188,36 @@ def _lowrank(
         version=nv.version, version_chain=nv.chain, lifecycle="activated",
     )  # fmt: skip
     return cube, reqs, list(layers), answers
+
+
+def _scope(
+    editor: Editor,
+    parent: EditMemory | None,
+    requests: Callable[[], list[EditRequest]],
+    nv: Any,
+    calibration: Sequence[EditCase],
+) -> tuple[Any, list[EditRequest], list[int], list[str]]:
+    """The next version of a scoped edit memory: the parent's records plus ``requests`` (no training). A
+    new memory takes its thresholds from ``calibration`` (a memory of those cases, thrown away after)."""
+    from memfed.node.editing.scope import calibrate_on_cases
+    from memfed.node.editing.scope_path import ScopedModel
+
+    model, tokenizer = editor.model, editor.tokenizer
+    if parent is None:
+        memory = EditMemory()
+        if calibration:
+            probe = EditMemory()
+            calibrate_on_cases(probe, calibration, ScopedModel(model, tokenizer, probe).relate)
+            memory.threshold, memory.relation_threshold = probe.threshold, probe.relation_threshold
+    else:
+        memory = parent
+    reqs = requests()
+    for req in reqs:
+        memory.add(req)
+    scoped = ScopedModel(model, tokenizer, memory)
+    answers = [scoped.answer(r.prompt) for r in reqs]
+    cube = scope_cube(
+        editor.fingerprint, memory, cube_id=nv.cube_id, version=nv.version, version_chain=nv.chain,
+        lifecycle="activated",
+    )  # fmt: skip
+    return cube, reqs, [], answers

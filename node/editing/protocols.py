@@ -1,10 +1,10 @@
 """Evaluation protocols: how each method is run over a set of cases before it is scored.
 
-- ``single_edits`` (ROME): every case edited alone on the unedited model, scored, undone;
+- ``each_alone``: every case edited alone on the unedited model, scored, undone: ``single_edits`` (ROME),
+  ``gradfree_edits`` and ``mend_edits`` run it;
 - ``batch_edit`` (MEMIT): all cases as one edit; neighbours that are in the batch are not locality;
 - ``sequential_codebook`` (GRACE): all cases one after another into one codebook, scored after the last;
-- ``mend_edits`` / ``mend_batch``: a trained MEND editor on each case alone (ROME's protocol), or on all
-  cases in one call (MEMIT's);
+- ``mend_batch``: a trained MEND editor on all cases in one call (MEMIT's protocol);
 - ``finetune_edits``: the baseline, a LoRA trained on each fact alone;
 - ``unedited``: the model as it is (what the measures read with no edit).
 
@@ -14,18 +14,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
+
+import torch
 
 from memfed.errors import InvalidArgumentError
 from memfed.node.editing.counterfact import EditCase
 from memfed.node.editing.editor import Editor
 from memfed.node.editing.evaluate import CaseScore, Evaluator, fluency_before, summarize
 from memfed.node.editing.finetune import finetuned
+from memfed.node.editing.gradfree import gradfree_edit
 from memfed.node.editing.keys import context_prefixes
-from memfed.node.editing.lowrank import apply_to_weights
+from memfed.node.editing.lowrank import LowRankEdit, apply_to_weights
 from memfed.node.editing.mend import MendEditor
+from memfed.node.editing.value import EditRequest
 
 
 def _request(case: EditCase, ev: Evaluator) -> Any:
@@ -38,25 +42,50 @@ def unedited(editor: Editor, cases: Sequence[EditCase]) -> dict[str, float]:
     return summarize(Evaluator(editor.model, editor.tokenizer, cases).score())
 
 
-def single_edits(
-    editor: Editor, cases: Sequence[EditCase], layer: int, *, token: str = "all", fluency: bool = False
+def each_alone(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    cases: Sequence[EditCase],
+    make_edit: Callable[[EditRequest], LowRankEdit],
+    *,
+    fluency: bool = False,
 ) -> dict[str, float]:
-    """ROME on each case alone; adds ``seconds_per_edit`` (and ``fluency_before`` with ``fluency``)."""
-    ev = Evaluator(editor.model, editor.tokenizer, cases, fluency=fluency)
+    """Every case edited alone on the unedited model by ``make_edit``, scored, undone: the protocol of
+    ROME, MEND and gradient-free edits. Adds ``seconds_per_edit`` (the edit's computation, not scoring)
+    and, with ``fluency``, ``fluency_before``."""
+    ev = Evaluator(model, tokenizer, cases, fluency=fluency)
     scores: list[CaseScore] = []
     seconds = 0.0
     for case in cases:
         t0 = time.perf_counter()
-        result = editor.rome(_request(case, ev), layer, token=token)
+        edit = make_edit(_request(case, ev))
         seconds += time.perf_counter() - t0
-        with apply_to_weights(editor.model, result.edit):
+        with apply_to_weights(model, edit):
             scores.extend(ev.score([case]))
     summary = summarize(scores)
     before = fluency_before(ev, cases)
     if before is not None:
         summary["fluency_before"] = before
-    summary["seconds_per_edit"] = round(seconds / max(1, len(cases)), 4)
+    summary["seconds_per_edit"] = round(seconds / max(1, len(cases)), 5)
     return summary
+
+
+def single_edits(
+    editor: Editor, cases: Sequence[EditCase], layer: int, *, token: str = "all", fluency: bool = False
+) -> dict[str, float]:
+    """ROME on each case alone (``each_alone``)."""
+    return each_alone(
+        editor.model,
+        editor.tokenizer,
+        cases,
+        lambda r: editor.rome(r, layer, token=token).edit,
+        fluency=fluency,
+    )
+
+
+def gradfree_edits(editor: Editor, cases: Sequence[EditCase], layer: int) -> dict[str, float]:
+    """The gradient-free edit on each case alone (``each_alone``)."""
+    return each_alone(editor.model, editor.tokenizer, cases, lambda r: gradfree_edit(editor, r, layer).edit)
 
 
 def batch_edit(editor: Editor, cases: Sequence[EditCase], layer: int) -> dict[str, float]:
@@ -102,22 +131,11 @@ def sequential_codebook(
 
 
 def mend_edits(mend: MendEditor, cases: Sequence[EditCase]) -> dict[str, float]:
-    """The MEND editor on each case alone, scored like ``single_edits``; adds ``seconds_per_edit`` (one
-    forward/backward and one pass of the editor; the context prefixes are sampled once per model, before)."""
+    """The MEND editor on each case alone (``each_alone``): one forward/backward and one pass of the editor
+    per edit (the context prefixes are sampled once per model, before the clock starts)."""
     model, tokenizer = mend.layout.model, mend.tokenizer
-    ev = Evaluator(model, tokenizer, cases)
     context_prefixes(model, tokenizer)
-    scores: list[CaseScore] = []
-    seconds = 0.0
-    for case in cases:
-        t0 = time.perf_counter()
-        edit = mend.edit([_request(case, ev)])
-        seconds += time.perf_counter() - t0
-        with apply_to_weights(model, edit):
-            scores.extend(ev.score([case]))
-    summary = summarize(scores)
-    summary["seconds_per_edit"] = round(seconds / max(1, len(cases)), 5)
-    return summary
+    return each_alone(model, tokenizer, cases, lambda r: mend.edit([r]))
 
 
 def mend_batch(mend: MendEditor, cases: Sequence[EditCase]) -> dict[str, float]:
@@ -176,6 +194,7 @@ def evaluate_method(
     editor.check_layer(layer)
     runs = {
         "rome": lambda: single_edits(editor, cases, layer),
+        "gradfree": lambda: gradfree_edits(editor, cases, layer),
         "memit": lambda: batch_edit(editor, cases, layer),
         "grace": lambda: sequential_codebook(editor, cases, layer),
         "finetune": lambda: finetune_edits(editor, cases),

@@ -164,10 +164,15 @@ class ScopedModel:
 
     @torch.no_grad()
     def answer(self, prompt: str, max_tokens: int = 8) -> str:
-        """The answer a user asking ``prompt`` gets: greedy decoding through the path, cut at the first
-        punctuation or line end (as ``Editor.answer``)."""
+        """The answer a user asking ``prompt`` gets: in scope on the stored-answer path, the edit's answer;
+        otherwise greedy decoding through the path, cut at the first punctuation or line end (as
+        ``Editor.answer``)."""
         device = next(self.model.parameters()).device
         ids = list(self.tokenizer(prompt)["input_ids"])
+        if self.path == "answer":
+            [match] = self.decide([ids])
+            if match is not None:  # in scope: the answer is the stored one, whole
+                return match.target
         out: list[int] = []
         for _ in range(max_tokens):
             logits = self(torch.tensor([ids + out], device=device), [len(ids)])
