@@ -132,11 +132,15 @@ def _run(quick: bool, loaded: tuple[Any, Any]) -> BenchResult:
     spare = [c for c in shuffled[len(known) :] if c.subject not in edited_subjects]
     stream = known + novel_cases(_size("seq_novel", quick))
     random.Random(11).shuffle(stream)
-    seq = protocols.sequential_codebook(editor, stream, layer, untouched=_untouched_probes(spare))
+    checkpoints = [len(stream) // 4, len(stream) // 2]
+    seq = protocols.sequential_codebook(
+        editor, stream, layer, untouched=_untouched_probes(spare), checkpoints=checkpoints
+    )
     n = int(seq["edits"])
     tag = "seq1000" if n == 1000 else f"seq{n}"
     seq["reliability"] = seq.pop("efficacy")
     seq["reliability_exact"] = seq.pop("efficacy_exact")
+    at = {k: seq.pop(k) for k in list(seq) if k.startswith("at")}
     metrics.update({f"{tag}_{k}": v for k, v in seq.items() if k != "cases"})
     if tag != "seq1000":  # quick runs: the headline keys still exist, from the smaller run
         for k in ("reliability", "generalization", "locality"):
@@ -155,12 +159,16 @@ def _run(quick: bool, loaded: tuple[Any, Any]) -> BenchResult:
         ratios["codebook_seconds_vs_finetune"] = round(
             seq["seconds_per_edit"] / finetune["seconds_per_edit"], 3
         )
-    # The report's "metrics vs sequential edits" plot. One point (the whole stream) for now: more points
-    # need sequential_codebook to score at checkpoints, which it does not yet.
+    # The report's "metrics vs sequential edits" plot: the edits so far scored at each checkpoint, then all.
+    points = [c for c in checkpoints if f"at{c}_efficacy" in at]
     series = {
         "sequential": {
-            "edits": [n],
-            **{k: [seq.get(k, 0.0)] for k in ("reliability", "generalization", "locality")},
+            "edits": [*points, n],
+            "reliability": [*(at[f"at{c}_efficacy"] for c in points), seq.get("reliability", 0.0)],
+            **{
+                k: [*(at.get(f"at{c}_{k}", 0.0) for c in points), seq.get(k, 0.0)]
+                for k in ("generalization", "locality")
+            },
         }
     }
     return BenchResult(metrics=metrics, baseline=baseline, ratios=ratios, series=series)

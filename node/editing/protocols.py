@@ -101,18 +101,34 @@ def batch_edit(editor: Editor, cases: Sequence[EditCase], layer: int) -> dict[st
 
 
 def sequential_codebook(
-    editor: Editor, cases: Sequence[EditCase], layer: int, *, untouched: Sequence[EditCase] = ()
+    editor: Editor,
+    cases: Sequence[EditCase],
+    layer: int,
+    *,
+    untouched: Sequence[EditCase] = (),
+    checkpoints: Sequence[int] = (),
 ) -> dict[str, float]:
     """GRACE: every case into one codebook, in order, then all scored. ``untouched``: cases whose
-    neighbours' answers must stay (their ``locality`` becomes ``untouched_facts_unchanged``)."""
+    neighbours' answers must stay (their ``locality`` becomes ``untouched_facts_unchanged``).
+    ``checkpoints``: after that many edits, the cases edited so far are scored too (keys
+    ``at{n}_efficacy`` ...; scoring time is not edit time): how the metrics move as edits accumulate."""
     ev = Evaluator(editor.model, editor.tokenizer, cases)
     probe = Evaluator(editor.model, editor.tokenizer, untouched) if untouched else None
     requests = [_request(c, ev) for c in cases]
     codebook_editor = editor.codebook_editor(layer=layer)
+    stops = sorted({n for n in checkpoints if 0 < n < len(cases)})
+    at: dict[str, float] = {}
     try:
-        t0 = time.perf_counter()
-        merged = sum(codebook_editor.edit(req).merged for req in requests)
-        seconds = time.perf_counter() - t0
+        seconds, merged, done = 0.0, 0, 0
+        for stop in [*stops, len(cases)]:
+            t0 = time.perf_counter()
+            merged += sum(codebook_editor.edit(req).merged for req in requests[done:stop])
+            seconds += time.perf_counter() - t0
+            done = stop
+            if stop < len(cases):
+                so_far = cases[:stop]
+                part = summarize(ev.score(so_far, edited=[c.subject for c in so_far]))
+                at.update({f"at{stop}_{k}": v for k, v in part.items() if k != "cases"})
         t1 = time.perf_counter()
         summary = summarize(ev.score(edited=[c.subject for c in cases]))
         if probe is not None:
@@ -127,6 +143,7 @@ def sequential_codebook(
         seconds_per_edit=round(seconds / max(1, len(cases)), 4),
         eval_seconds=round(eval_seconds, 2),
     )
+    summary.update(at)
     return summary
 
 
