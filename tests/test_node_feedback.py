@@ -5,8 +5,10 @@ tested in test_sync.py over mutual TLS; the evolver's decisions in test_evolve.p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from memfed.cli.main import cli
 from memfed.client import NodeClient
 from memfed.cube.build import lora_cube
 from memfed.errors import CapacityError, InvalidArgumentError, NotFoundError, UnsupportedError
-from memfed.node.evolve.settings import EvolveSettings
+from memfed.node.evolve.settings import EvolveDecision, EvolveSettings
+from memfed.node.lifecycle import Lifecycle
 from memfed.node.service import BackgroundServer, Node, NodeServer
 from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.tiny_models import save_tiny_model_dir
@@ -25,16 +28,16 @@ CUBE = "rated"
 RATING = {"prompt": "The capital of Veltria is", "answer": "Quorn", "good": False, "correction": "Dralmouth"}
 
 
-def _cube(node: Node) -> Any:
+def _cube(node: Node, version: str = "1.0.0", seed: int = 0) -> Any:
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     factors = {
         n: (torch.randn(2, m.in_features, generator=g), torch.randn(m.out_features, 2, generator=g))
         for n, m in node.model.named_modules()
         if isinstance(m, torch.nn.Linear) and n.endswith("q_proj")
     }
-    return lora_cube(node.fingerprint, factors, cube_id=CUBE)
+    return lora_cube(node.fingerprint, factors, cube_id=CUBE, version=version)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,36 @@ def test_enough_feedback_starts_an_evolve_step_on_the_model_thread(served: dict[
         assert node.store.versions(CUBE) == ["1.0.0"]
     finally:
         intake.close()
+
+
+def test_the_node_serves_the_version_an_evolve_step_makes_current(tmp_path: Path) -> None:
+    """A promotion or rollback made on the model thread takes the replaced version out of the active set
+    and puts the new current one in its place, so the node does not keep answering with a stale version.
+    (The steps here change the store as ``Evolver`` does, without training: promotion is test_evolve.py's.)"""
+    model_dir = save_tiny_model_dir("llama", tmp_path / "model", seed=3)
+    node = Node.open(model_dir, tmp_path / "store", node_id="node-v")
+    first, second = _cube(node), _cube(node, "1.1.0", seed=1)
+    node.store.put(first.manifest, first.payload)
+    intake = FeedbackIntake(node)
+    server = NodeServer(node, insecure=True, feedback=intake)
+
+    def promote() -> EvolveDecision:
+        node.store.put(second.manifest, second.payload)
+        return EvolveDecision(CUBE, "promoted", "held-out feedback improved", "1.0.0", "1.1.0")
+
+    def roll_back() -> EvolveDecision:
+        Lifecycle(node.store).rollback(CUBE, "1.0.0", "evolve regression")
+        return EvolveDecision(CUBE, "rolled_back", "live good rate dropped", "1.1.0", "1.0.0")
+
+    try:
+        with BackgroundServer(server) as bg, NodeClient(bg.address) as c:
+            c.activate(f"{CUBE}@1.0.0")
+            assert server.servicer is not None
+            bg.run(functools.partial(server.servicer._evolve_on_model, promote))
+            assert c.health().active_modules == (f"{CUBE}@1.1.0",)
+            bg.run(functools.partial(server.servicer._evolve_on_model, roll_back))
+            assert c.health().active_modules == (f"{CUBE}@1.0.0",)
+            assert f"{CUBE}@1.1.0" not in node.runtime.resident  # the archived version is off the device
+    finally:
+        intake.close()
+        node.close()

@@ -122,10 +122,23 @@ def feedback(
 @click.argument("cube_id")
 @store_option
 @model_option
+@click.option(
+    "--plaintext",
+    "plaintext_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The node's plaintext memory: where an internalized module's source documents (its validation "
+    "set) are read from.",
+)
 @click.option("--history", is_flag=True, help="List every recorded decision instead of taking a step.")
 @json_option
 def evolve(
-    cube_id: str, store_dir: Path | None, model_dir: Path | None, history: bool, as_json: bool
+    cube_id: str,
+    store_dir: Path | None,
+    model_dir: Path | None,
+    plaintext_path: Path | None,
+    history: bool,
+    as_json: bool,
 ) -> None:
     """Take one evolve step for module CUBE_ID in a local store, or list its decisions (--history).
 
@@ -149,8 +162,17 @@ def evolve(
             from memfed.node.models import load_host_model, resolve_model_dir
 
             model, tokenizer = load_host_model(resolve_model_dir(model_dir))
-            with progress_bar(f"evolving {cube_id}", quiet=as_json):
-                decisions = [Evolver(model, tokenizer, store, log).step(cube_id)]
+            vault = None
+            if plaintext_path is not None:
+                from memfed.node.plaintext import PlaintextMemory
+
+                vault = PlaintextMemory(plaintext_path)
+            try:
+                with progress_bar(f"evolving {cube_id}", quiet=as_json):
+                    decisions = [Evolver(model, tokenizer, store, log, vault=vault).step(cube_id)]
+            finally:
+                if vault is not None:
+                    vault.close()
     rows = [
         {"id": d.id, "action": d.action, "reason": d.reason, "from_version": d.from_version,
          "to_version": d.to_version, "figures": d.figures, "at": d.at}

@@ -156,7 +156,8 @@ def gradfree_edit(
     delta = target - plain["v"].mean(0)  # one δ for every subject token, as ROME's token="all"
     nll = _target_nll(editor, request, layer, torch.stack([s * delta for s in scales]), prefixes)
     good = [i for i, v in enumerate(nll) if v < GOOD_NLL]
-    pick = good[0] if good else min(range(len(scales)), key=lambda i: nll[i])
+    # The smallest α that is good enough, whatever order ``scales`` came in.
+    pick = min(good, key=lambda i: scales[i]) if good else min(range(len(scales)), key=lambda i: nll[i])
     delta = scales[pick] * delta
     a, b = exact_update(plain["k"], delta.unsqueeze(0).expand(plain["k"].shape[0], -1),
                         editor.second_moments[layer])  # fmt: skip

@@ -179,15 +179,20 @@ class FeedbackLog:
             self._conn = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open feedback log {self.path}: {exc}") from exc
+        try:
             if str(self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower() != "wal":
-                self._conn.close()
                 raise StorageError(
                     f"feedback log {self.path} cannot use WAL journaling",
                     hint="keep it on a local filesystem",
                 )
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StorageError) as exc:
+            self._conn.close()  # a log that cannot be used leaves no open connection behind
+            if isinstance(exc, StorageError):
+                raise
             raise StorageError(f"cannot open feedback log {self.path}: {exc}") from exc
 
     # -- plumbing ---------------------------------------------------------------------------------------

@@ -80,8 +80,8 @@ class FeedbackIntake:
         ``operator``: the caller is one of the node's operators (its authorizer says so)."""
         relayed = on_behalf_of.strip()
         if caller is None:
-            # A plaintext node trusts its network (it was started with --insecure): a relayed name is taken
-            # as given, else the caller's address stands for it.
+            # No client certificate: a node without mutual TLS trusts its network (started --insecure, or
+            # behind a front end): a relayed name is taken as given, else the caller's address stands for it.
             return relayed or f"peer:{peer}"
         if relayed:
             if not operator:
@@ -134,6 +134,9 @@ class FeedbackIntake:
             decision: EvolveDecision = await run_on_model(lambda: self.evolver.step(cube_id))  # type: ignore[union-attr]
         except MemfedError as exc:
             log.warning("evolving %s failed: %s", cube_id, exc)
+            return None
+        except Exception:  # a background task: logged here, or nobody would see it
+            log.exception("evolving %s failed", cube_id)
             return None
         self.decisions.append(decision)
         log.info("evolve %s: %s (%s)", cube_id, decision.action, decision.reason)

@@ -62,6 +62,7 @@ from memfed.node.service.batcher import GenerateBatcher
 from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.service.node import Node
 from memfed.node.service.streams import PushSink
+from memfed.registry.tls import peer_of
 
 pb = node_service_pb2
 log = logging.getLogger("memfed.node.service")
@@ -569,10 +570,15 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         self._authorize("feedback", _name(request.ref), request.capability, context)
         if self.feedback is None:
             raise UnsupportedError(
-                f"node {self.node.node_id} does not take feedback", hint="start it without --no-feedback"
+                f"node {self.node.node_id} does not take feedback",
+                hint="serve it with a feedback log (NodeServer(feedback=FeedbackIntake(node)); "
+                "`memfed node serve` has one)",
             )
         serde.check_ref(pb.CubeRef(cube_id=cube_id))
-        caller = self.authorizer.caller(context) if hasattr(self.authorizer, "caller") else None
+        # Who rates: the certificate name of a mutual-TLS caller (with or without a capability authorizer);
+        # only a node started with --insecure takes a relayed name from anyone.
+        peer = peer_of(context)
+        caller = peer.name if peer is not None else None
         operator = caller is not None and caller in getattr(self.authorizer, "local", ())
         item = FeedbackItem(
             cube_id=cube_id,
@@ -593,12 +599,28 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
         )
 
     async def _evolve_on_model(self, step: Callable[[], Any]) -> Any:
-        """Run an evolve step on the model thread; a rollback takes the retired version out of service."""
+        """Run an evolve step on the model thread; a rollback takes the retired version out of service.
+
+        Where the version a step replaced was active, the version it made current is activated in its
+        place (one version of a module is active at a time, as ``Activate`` does): otherwise the node
+        would keep answering with the version the evolver just replaced or rolled back."""
 
         def run() -> Any:
             decision = step()
-            if decision.action == "rolled_back" and decision.from_version:
-                self._forget([f"{decision.cube_id}@{decision.from_version}"])
+            if decision.action not in ("promoted", "rolled_back") or not decision.from_version:
+                return decision
+            old = f"{decision.cube_id}@{decision.from_version}"
+            was_active = old in self.runtime.active
+            if decision.action == "rolled_back":
+                self._forget([old])
+            if was_active and decision.to_version:
+                keep = [r for r in self.runtime.active if r != old]
+                try:
+                    self.scheduler.activate(*keep, f"{decision.cube_id}@{decision.to_version}")
+                except MemfedError as exc:  # the decision stands (it is recorded); say why it is not served
+                    log.warning("cannot activate %s@%s: %s", decision.cube_id, decision.to_version, exc)
+                finally:
+                    self._note_active()
             return decision
 
         return await self._on_model(run)
