@@ -154,8 +154,9 @@ def _plot_throughput(ax: Any, report: dict[str, Any]) -> None:
             if s.get(key):
                 ax.plot(s["size_mb"], s[key], style, label=label)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("payload (MiB)")
-        ax.set_ylabel("GB/s")
+        ax.set_ylabel("GB/s (log)")
         ax.legend(fontsize=7)
         return
     bars = [  # reports from before the size sweep existed
