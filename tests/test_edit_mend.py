@@ -9,6 +9,7 @@ test split come from ``memfed bench evolve`` (``memfed.bench.evolve_mend``).
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,13 +37,15 @@ from memfed.node.editing.keys import context_prefixes
 from memfed.node.editing.lowrank import LowRankEdit, apply_to_weights
 from memfed.node.editing.mend import MendConfig, MendEditor, edit_pairs
 from memfed.node.editing.mend_cube import CONFIG_KEY, mend_cube, newest_mend, read_mend
-from memfed.node.editing.mend_train import train_mend
+from memfed.node.editing.mend_train import _Case, _pick_probes, _probe_index, _probes, train_mend
 from memfed.node.editing.stats import default_corpus
 from memfed.node.editing.text import encode
 from memfed.node.models import load_host_model, save_tiny_model_dir
 from memfed.node.store import CubeStore
 
-TINY = MendConfig(layers=(0,), steps=40, batch=8, rank=16, locality_prompts=4, extra_targets=0)
+TINY = MendConfig(
+    layers=(0,), steps=40, batch=8, rank=16, locality_prompts=4, extra_targets=0, margin=1.0, near_probes=0.0
+)
 
 
 @dataclass
@@ -113,15 +116,62 @@ def test_training_lowers_the_edit_loss_and_edits_unseen_subjects(setup: Setup) -
     assert summary["cases"] == 4 and summary["efficacy"] >= 0.5 and summary["seconds_per_edit"] > 0
 
 
-def test_a_batch_is_the_sum_of_single_edits(setup: Setup) -> None:
-    reqs = [c.request() for c in setup.test[4:7]]
-    batch = setup.mend.edit(reqs)
-    name = setup.editor.layout.down_proj[0]
-    assert batch.modules == [name]
+def test_a_batch_is_one_joint_fit_of_every_edits_keys(setup: Setup) -> None:
+    """Several edits in one call: each subject key maps to its own value (exactly with λ = 0), keys at a
+    word piece two edited subjects share are left out, and the default ridge fit differs from the sum of
+    single edits (which leaks: see ``MendEditor.joint_factors``)."""
+    editor, layout = setup.editor, setup.editor.layout
+    reqs = [c.request() for c in setup.test[4:10]]
+    name = layout.down_proj[0]
+    exact = replace(setup.mend, config=replace(setup.mend.config, batch_lambda=0.0, batch_scale=1.0))
+    pairs = edit_pairs(layout, editor.tokenizer, reqs, [0], context_prefixes(editor.model, editor.tokenizer))
+    owners: dict[int, set[str]] = {}
+    for req, p in zip(reqs, pairs, strict=True):
+        for form, pos in p.labels:
+            owners.setdefault(form[pos], set()).add(req.subject)
+    shared = [t for t, subjects in owners.items() if len(subjects) > 1]
+    delta = exact.edit(reqs).delta(name)
+    checked = 0
+    for req, p in zip(reqs, pairs, strict=True):
+        with torch.no_grad():
+            values, _ = setup.mend.nets[0](p.keys[0], p.grads[0])
+        for i, (form, pos) in enumerate(p.labels):
+            if owners[form[pos]] == {req.subject}:
+                assert torch.allclose(delta @ p.keys[0][i], values[i], atol=1e-2 * float(values[i].norm()))
+                checked += 1
+    assert checked >= len(reqs)
+    rows = sum(len(p.labels) for p in pairs)
+    assert exact.edit(reqs).rank < rows if shared else exact.edit(reqs).rank == rows
     summed = sum(setup.mend.edit([r]).delta(name) for r in reqs)
-    assert torch.allclose(batch.delta(name), summed, atol=1e-4 * float(summed.abs().max()))
+    assert not torch.allclose(
+        setup.mend.edit(reqs).delta(name), summed, atol=1e-3 * float(summed.abs().max())
+    )
     summary = protocols.mend_batch(setup.mend, setup.test[4:10])
     assert summary["cases"] == 6 and summary["rank"] >= 6
+
+
+def test_locality_probes_favour_subjects_that_share_a_word_piece(setup: Setup) -> None:
+    """The prompts an edit most easily spills into (subjects sharing a token with the edited one) are
+    among each training edit's locality probes."""
+    tokenizer = setup.editor.tokenizer
+    cases = setup.train[:60]
+    index = _probe_index(tokenizer, _probes(setup.editor.model, tokenizer, cases), [c.subject for c in cases])
+
+    def pieces(subject: str) -> set[int]:
+        return set(tokenizer(" " + subject)["input_ids"]) | set(tokenizer(subject)["input_ids"])
+
+    with_near = [c for c in cases if index.near[c.subject]]
+    assert with_near
+    for case in with_near:
+        assert all(
+            p.subject != case.subject and pieces(p.subject) & pieces(case.subject)
+            for p in index.near[case.subject]
+        )
+    case = with_near[0]
+    fake = _Case(case.relation, case.subject, None, [], [])  # type: ignore[arg-type]
+    picked = _pick_probes(random.Random(0), fake, index, 6, 0.5)
+    near = {id(p) for p in index.near[case.subject]}
+    assert len(picked) == 6 and sum(id(p) in near for p in picked) >= min(3, len(near))
 
 
 def test_the_editor_cube_round_trips(setup: Setup, tmp_path: Path) -> None:
@@ -213,6 +263,9 @@ def test_editor_settings_are_checked() -> None:
         MendConfig(layers=(7,)).check(4)
     with pytest.raises(InvalidArgumentError):
         MendConfig(key_side="both").check()
+    for bad in ({"margin": -1.0}, {"batch_scale": 0.0}, {"near_probes": 2.0}):
+        with pytest.raises(InvalidArgumentError):
+            replace(TINY, **bad).check()
     with pytest.raises(InvalidArgumentError, match="unknown fields"):
         MendConfig.from_json_dict({"layers": [0], "surprise": 1})
     assert MendConfig.from_json_dict(TINY.to_json_dict()) == TINY
