@@ -123,10 +123,7 @@ def codebook_cube(
     params: dict[str, Any] | None = None,
 ) -> MemCube:
     """An ``edit`` cube holding a codebook (see the module docstring)."""
-    requests = [
-        EditRequest(r["prompt"], r["subject"], r["target"], r.get("old_target"), r.get("case_id"))
-        for r in codebook.records
-    ]
+    requests = [EditRequest.from_record(r) for r in codebook.records]
     origin = edit_origin(
         "grace",
         requests[-_MAX_SOURCES:],
@@ -160,10 +157,7 @@ def scope_cube(
     tags: Iterable[str] = (),
 ) -> MemCube:
     """An ``edit`` cube holding a SERAC-style edit memory (see the module docstring)."""
-    requests = [
-        EditRequest(r["prompt"], r["subject"], r["target"], r.get("old_target"), r.get("case_id"))
-        for r in memory.records
-    ]
+    requests = [EditRequest.from_record(r) for r in memory.records]
     origin = edit_origin("serac", requests[-_MAX_SOURCES:], [], threshold=memory.threshold)
     origin.params["facts"] = str(len(requests))
     annotations = {

@@ -69,21 +69,6 @@ class CodebookEditResult:
     steps: int
 
 
-def _record(req: EditRequest) -> dict[str, Any]:
-    rec: dict[str, Any] = {"prompt": req.prompt, "subject": req.subject, "target": req.target}
-    if req.old_target is not None:
-        rec["old_target"] = req.old_target
-    if req.case_id is not None:
-        rec["case_id"] = req.case_id
-    return rec
-
-
-def _request(rec: dict[str, Any]) -> EditRequest:
-    return EditRequest(
-        rec["prompt"], rec["subject"], rec["target"], rec.get("old_target"), rec.get("case_id")
-    )
-
-
 class CodebookEditor:
     """Adds edits to a codebook whose hook is attached to the model (attached here if it is not)."""
 
@@ -148,7 +133,7 @@ class CodebookEditor:
         dist = cb.distances(self._padded(keys))  # (keys, entries)
         inside = (dist <= cb.radii.unsqueeze(0)).any(0).nonzero().flatten().tolist() if cb.size else []
         same = [e for e in inside if self._subject_of(e) == request.subject]
-        cb.records.append(_record(request))
+        cb.records.append(request.to_record())
         rec_id = len(cb.records) - 1
         if same:
             return self._merge(request, rec_id, same, keys)
@@ -208,7 +193,7 @@ class CodebookEditor:
             if cb.records[r]["prompt"] == request.prompt or cb.records[r]["target"] == request.old_target
         }
         rec_ids = sorted((held - superseded) | {rec_id})
-        requests = [_request(cb.records[r]) for r in rec_ids]
+        requests = [EditRequest.from_record(cb.records[r]) for r in rec_ids]
         # One value must now carry several facts: give the optimization the steps that takes.
         config = replace(self.config, steps=self.config.steps * MERGE_STEPS)
         values = optimize_values(

@@ -118,15 +118,6 @@ class ScopeMatch:
         return str(self.record["target"])
 
 
-def _record(req: EditRequest) -> dict[str, Any]:
-    rec: dict[str, Any] = {"prompt": req.prompt, "subject": req.subject, "target": req.target}
-    if req.old_target is not None:
-        rec["old_target"] = req.old_target
-    if req.case_id is not None:
-        rec["case_id"] = req.case_id
-    return rec
-
-
 class EditMemory:
     """Edit records and their subject keys (sparse: bucket ids and weights per edit), plus the gate
     settings: subject threshold, relation threshold and the layer the relation gate reads.
@@ -195,7 +186,7 @@ class EditMemory:
         if not request.target.strip():
             raise InvalidArgumentError("the new answer is empty", hint="give the answer the edit teaches")
         key = self.subject_key(request.subject)
-        rec = _record(request)
+        rec = request.to_record()
         for i, old in enumerate(self.records):
             if old["subject"] == request.subject and old["prompt"] == request.prompt:
                 self.records[i], self._keys[i] = rec, key

@@ -52,6 +52,19 @@ class EditRequest:
     old_target: str | None = None  # the answer it replaces, when known (recorded in the cube's origin)
     case_id: str | None = None  # e.g. the CounterFact case or fact id, recorded in the cube's origin
 
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form codebooks and edit memories keep per edit (unknown fields left out)."""
+        rec: dict[str, Any] = {"prompt": self.prompt, "subject": self.subject, "target": self.target}
+        if self.old_target is not None:
+            rec["old_target"] = self.old_target
+        if self.case_id is not None:
+            rec["case_id"] = self.case_id
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> EditRequest:
+        return cls(rec["prompt"], rec["subject"], rec["target"], rec.get("old_target"), rec.get("case_id"))
+
 
 @dataclass(frozen=True)
 class ValueConfig:
