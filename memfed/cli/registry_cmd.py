@@ -119,6 +119,17 @@ def registry() -> None:
     """The registry: node identities, the cube catalog, access control and the audit log."""
 
 
+def _identity_option(help_text: str) -> Callable[[Any], Any]:
+    """--identity DIR (required): a node identity folder (`memfed identity init`)."""
+    return click.option(
+        "--identity",
+        "identity_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        required=True,
+        help=help_text,
+    )
+
+
 @registry.command("serve")
 @registry_dir_option
 @db_option
@@ -204,13 +215,7 @@ def serve_cmd(
 
 @registry.command("register")
 @registry_client_options
-@click.option(
-    "--identity",
-    "identity_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The node's identity folder (`memfed identity init`).",
-)
+@_identity_option("The node's identity folder (`memfed identity init`).")
 @click.option("--node-id", default=None, help="The node id (default: the --tls certificate's name).")
 @click.option("--address", default="", help="host:port of the node's NodeService.")
 @json_option
@@ -229,13 +234,7 @@ def register_cmd(
 
 @registry.command("rotate-cert")
 @registry_client_options
-@click.option(
-    "--identity",
-    "identity_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The node's identity folder (its keys stay; only the certificate changes).",
-)
+@_identity_option("The node's identity folder (its keys stay; only the certificate changes).")
 @click.option(
     "--new-cert",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -249,7 +248,7 @@ def rotate_cert_cmd(
 ) -> None:
     """Replace this node's registered certificate before the old one expires.
 
-    Connect with the node's CURRENT certificate (--tls/--tls-key) and name the new one: the registry
+    Connect with the node's CURRENT certificate (--tls DIR) and name the new one (--new-cert): the registry
     checks that the new certificate comes from the network CA, names the node and goes with the same
     identity keys, then pins it. Restart the node with the new certificate afterwards; the old one is
     refused from then on.
@@ -375,13 +374,7 @@ def _report(info: dict[str, Any], as_json: bool, text: str) -> None:
 @registry.command("publish")
 @registry_client_options
 @click.argument("ref")
-@click.option(
-    "--identity",
-    "identity_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="The producing node's identity folder: it signs the manifest.",
-)
+@_identity_option("The producing node's identity folder: it signs the manifest.")
 @click.option(
     "--store",
     "store_dir",
