@@ -534,7 +534,8 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
                 lc.transition(m.cube_id, m.version, target, reason)
             return m, m.lifecycle
 
-        m, old = await asyncio.to_thread(transition)
+        # On the model thread, like evolve steps (which also move versions): one order for every change.
+        m, old = await self._on_model(transition)
         if target in (ARCHIVED, EXPIRED, GENERATED):
             await self._on_model(
                 functools.partial(self._forget, [ref_string(m)], keep_resident=target == GENERATED)
@@ -553,7 +554,7 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
             to = request.to_version or self._version_before_current(request.cube_id)
             return self.node.lifecycle.rollback(request.cube_id, to, reason)
 
-        result = await asyncio.to_thread(rollback)
+        result = await self._on_model(rollback)  # ordered with evolve steps, as Transition
         await self._on_model(self._forget, [f"{result.cube_id}@{v}" for v in result.archived])
         previous = pb.CubeRef(cube_id=result.cube_id, version=result.previous or "")
         return pb.RollbackResponse(
