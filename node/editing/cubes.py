@@ -123,26 +123,13 @@ def codebook_cube(
     params: dict[str, Any] | None = None,
 ) -> MemCube:
     """An ``edit`` cube holding a codebook (see the module docstring)."""
-    requests = [EditRequest.from_record(r) for r in codebook.records]
-    origin = edit_origin(
-        "grace",
-        requests[-_MAX_SOURCES:],
-        [codebook.layer],
-        entries=codebook.size,
-        mode=codebook.mode,
-        **(params or {}),
-    )
-    origin.params["facts"] = str(len(requests))
-    annotations = {
-        FORM_KEY: "codebook",
-        METHOD_KEY: "grace",
-        LAYERS_KEY: str(codebook.layer),
-        "memfed.edit.module": codebook.module,
-        "memfed.edit.entries": str(codebook.size),
-    }
-    return tensor_cube(model, codebook.tensors(), "edit", cube_id=cube_id, version=version, origin=origin,
-                       lifecycle=lifecycle, version_chain=version_chain, owner=owner, tags=tags,
-                       metadata=codebook.metadata(), annotations=annotations)  # fmt: skip
+    return _records_cube(
+        model, codebook, "codebook", "grace", [codebook.layer],
+        {"memfed.edit.module": codebook.module},
+        {"entries": codebook.size, "mode": codebook.mode, **(params or {})},
+        cube_id=cube_id, version=version, version_chain=version_chain, lifecycle=lifecycle, owner=owner,
+        tags=tags,
+    )  # fmt: skip
 
 
 def scope_cube(
@@ -157,18 +144,37 @@ def scope_cube(
     tags: Iterable[str] = (),
 ) -> MemCube:
     """An ``edit`` cube holding a SERAC-style edit memory (see the module docstring)."""
-    requests = [EditRequest.from_record(r) for r in memory.records]
-    origin = edit_origin("serac", requests[-_MAX_SOURCES:], [], threshold=memory.threshold)
+    return _records_cube(
+        model, memory, "scope", "serac", [], {}, {"threshold": memory.threshold},
+        cube_id=cube_id, version=version, version_chain=version_chain, lifecycle=lifecycle, owner=owner,
+        tags=tags,
+    )  # fmt: skip
+
+
+def _records_cube(
+    model: torch.nn.Module | cube_pb2.BaseModelFingerprint,
+    holder: Codebook | EditMemory,
+    form: str,
+    method: str,
+    layers: list[int],
+    annotations: dict[str, str],
+    params: dict[str, Any],
+    **cube: Any,
+) -> MemCube:
+    """An ``edit`` cube whose payload keeps every edit's record (a codebook or an edit memory): the origin
+    names the newest edits and how many there are, the annotations the form, method and layers."""
+    requests = [EditRequest.from_record(r) for r in holder.records]
+    origin = edit_origin(method, requests[-_MAX_SOURCES:], layers, **params)
     origin.params["facts"] = str(len(requests))
     annotations = {
-        FORM_KEY: "scope",
-        METHOD_KEY: "serac",
-        LAYERS_KEY: "",
-        "memfed.edit.entries": str(memory.size),
+        FORM_KEY: form,
+        METHOD_KEY: method,
+        LAYERS_KEY: ",".join(map(str, layers)),
+        **annotations,
+        "memfed.edit.entries": str(holder.size),
     }
-    return tensor_cube(model, memory.tensors(), "edit", cube_id=cube_id, version=version, origin=origin,
-                       lifecycle=lifecycle, version_chain=version_chain, owner=owner, tags=tags,
-                       metadata=memory.metadata(), annotations=annotations)  # fmt: skip
+    return tensor_cube(model, holder.tensors(), "edit", origin=origin, metadata=holder.metadata(),
+                       annotations=annotations, **cube)  # fmt: skip
 
 
 def edit_form(manifest: CubeManifest) -> str:
