@@ -6,8 +6,6 @@ Small sizes (the comparison with ROME on the whole test split is ``memfed bench 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,18 +16,8 @@ from memfed.node.editing.editor import Editor
 from memfed.node.editing.evaluate import Evaluator, summarize
 from memfed.node.editing.gradfree import gradfree_edit
 from memfed.node.editing.lowrank import apply_to_weights
-from memfed.node.editing.stats import default_corpus
-from memfed.node.models import load_host_model
 
 LAYER = 0  # the layer causal tracing picks on the embedded model (memfed bench edit's "layer")
-
-
-@pytest.fixture(scope="module")
-def editor(default_model_dir: Path):
-    model, tokenizer = load_host_model(default_model_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    yield Editor(model, tokenizer, texts=default_corpus()[::6], cache_stats=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ Small sizes (the 1,000-edit run is ``memfed bench evolve``, part ``scope``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,15 +17,6 @@ from memfed.node.editing.evaluate import Evaluator, summarize
 from memfed.node.editing.scope import EditMemory, calibrate_on_cases, check_threshold
 from memfed.node.editing.scope_path import ScopedModel, scoped_answer
 from memfed.node.editing.value import EditRequest
-from memfed.node.models import load_host_model
-
-
-@pytest.fixture(scope="module")
-def loaded(default_model_dir: Path):
-    model, tokenizer = load_host_model(default_model_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    yield model, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +25,12 @@ def split() -> tuple[list[EditCase], list[EditCase]]:
 
 
 @pytest.fixture(scope="module")
-def calibration(loaded, split) -> tuple[EditMemory, dict[str, float]]:
+def calibration(frozen_default_model, split) -> tuple[EditMemory, dict[str, float]]:
     """A memory holding 60 train edits (every fourth train case: all relations) and 12 insertions, both
     thresholds calibrated on their prompts, and the figures."""
     memory = EditMemory()
     cases = split[0][::4][:60] + novel_cases(12, seed=SEED + 1)
-    return memory, calibrate_on_cases(memory, cases, ScopedModel(*loaded, memory).relate)
+    return memory, calibrate_on_cases(memory, cases, ScopedModel(*frozen_default_model, memory).relate)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +70,7 @@ def test_calibration_separates_paraphrases_from_neighbours(calibration) -> None:
 
 
 def test_each_paraphrase_goes_to_its_own_edit_among_a_subjects_edits(
-    loaded, calibrated: EditMemory, split
+    frozen_default_model, calibrated: EditMemory, split
 ) -> None:
     """A country with both facts edited (capital, language): every rewrite and paraphrase prompt goes to
     the edit asking its question, never to the subject's other edit (the relation gate picks); a
@@ -92,7 +81,7 @@ def test_each_paraphrase_goes_to_its_own_edit_among_a_subjects_edits(
         by_subject.setdefault(c.subject, []).append(c)
     cases = next(v for v in by_subject.values() if {c.relation for c in v} == {"capital", "language"})
     memory = _memory_like(calibrated, cases)
-    relate = ScopedModel(*loaded, memory).relate
+    relate = ScopedModel(*frozen_default_model, memory).relate
     for i, case in enumerate(cases):
         matches = memory.match_many([case.prompt, *case.paraphrases], relate)
         assert all(m is not None and m.entry == i for m in matches)
@@ -103,11 +92,11 @@ def test_each_paraphrase_goes_to_its_own_edit_among_a_subjects_edits(
 
 
 def test_other_fact_of_an_edited_subject_is_answered_by_the_base_model(
-    loaded, calibrated: EditMemory, split
+    frozen_default_model, calibrated: EditMemory, split
 ) -> None:
     """One fact edited per subject: the subject's other facts are out of scope (the relation gate) and
     keep the base model's answers through the Evaluator; with the gate open they would not."""
-    model, tokenizer = loaded
+    model, tokenizer = frozen_default_model
     cases = _one_case_per_subject(split[1], 6)
     stream = cases + novel_cases(4)
     memory = _memory_like(calibrated, stream)
@@ -163,10 +152,10 @@ def test_bad_edits_are_refused_and_change_nothing() -> None:
     assert memory.size == 1 and memory.records[0]["target"] == "Dralmouth"
 
 
-def test_scoped_path_through_the_evaluator(loaded, calibrated: EditMemory, split) -> None:
+def test_scoped_path_through_the_evaluator(frozen_default_model, calibrated: EditMemory, split) -> None:
     """Test cases plus insertions, scored through the scoped path: the edits take, neighbours keep their
     answers; outside ``routed`` the Evaluator scores the unedited model exactly as before."""
-    model, tokenizer = loaded
+    model, tokenizer = frozen_default_model
     stream = split[1][:8] + novel_cases(4)
     memory = _memory_like(calibrated, stream)
     ev = Evaluator(model, tokenizer, stream)
@@ -187,8 +176,10 @@ def test_scoped_path_through_the_evaluator(loaded, calibrated: EditMemory, split
     ).answer(neighbour.prompt)
 
 
-def test_in_context_path_runs_and_keeps_neighbours(loaded, calibrated: EditMemory, split) -> None:
-    model, tokenizer = loaded
+def test_in_context_path_runs_and_keeps_neighbours(
+    frozen_default_model, calibrated: EditMemory, split
+) -> None:
+    model, tokenizer = frozen_default_model
     cases = split[1][:4]
     memory = _memory_like(calibrated, cases)
     ev = Evaluator(model, tokenizer, cases)
@@ -200,8 +191,8 @@ def test_in_context_path_runs_and_keeps_neighbours(loaded, calibrated: EditMemor
         ScopedModel(model, tokenizer, memory, path="lora")  # type: ignore[arg-type]
 
 
-def test_scope_cube_round_trip(loaded, calibrated: EditMemory) -> None:
-    model, _ = loaded
+def test_scope_cube_round_trip(frozen_default_model, calibrated: EditMemory) -> None:
+    model, _ = frozen_default_model
     cube = scope_cube(model, calibrated, cube_id="serac-test")
     back = read_edit(cube)
     assert isinstance(back, EditMemory)
@@ -217,10 +208,10 @@ def test_scope_cube_round_trip(loaded, calibrated: EditMemory) -> None:
     assert "ScopedModel" in (err.value.hint or "")
 
 
-def test_reloaded_memory_decides_the_same(loaded, calibrated: EditMemory, split) -> None:
+def test_reloaded_memory_decides_the_same(frozen_default_model, calibrated: EditMemory, split) -> None:
     """Relation gate included: the same prompts get the same matches from the stored cube's memory; a
     memory stored before the gate existed (no relation settings) reads with the gate open."""
-    model, tokenizer = loaded
+    model, tokenizer = frozen_default_model
     back = read_edit(scope_cube(model, calibrated, cube_id="serac-reload"))
     assert isinstance(back, EditMemory)
     cases = [c for c in split[0][::4][:60] if c.subject_probes][:5]

@@ -19,21 +19,11 @@ from memfed.node.editing.counterfact import load_cases
 from memfed.node.editing.cubes import attach, describe_edit
 from memfed.node.editing.editor import Editor
 from memfed.node.editing.lineage import attach_current, current_cube
-from memfed.node.editing.stats import default_corpus
 from memfed.node.editing.trace import causal_trace
 from memfed.node.editing.value import ValueConfig, optimize_values
 from memfed.node.lifecycle import Lifecycle
-from memfed.node.models import load_host_model
 from memfed.node.runtime import ModuleRuntime
 from memfed.node.store import CubeStore
-
-
-@pytest.fixture(scope="module")
-def editor(default_model_dir: Path):
-    model, tokenizer = load_host_model(default_model_dir)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return Editor(model, tokenizer, texts=default_corpus()[::6], cache_stats=False)
 
 
 @pytest.fixture(scope="module")
