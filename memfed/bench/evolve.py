@@ -47,11 +47,9 @@ def _run(quick: bool) -> BenchResult:
     metrics: dict[str, float] = {}
     for part, module in PARTS.items():
         t0 = time.perf_counter()
-        figures: dict[str, Any] = importlib.import_module(module).run_part(quick)
-        for key, value in figures.items():
-            # ROME is measured by more than one part; the first part's figures are the ones reported, the
-            # others are kept under their part's name for comparison.
-            metrics[key if key not in metrics else f"{part}_{key}"] = value
+        # Parts name their figures apart (ROME runs in the mend part only; gradient-free is scored on its
+        # cases and layer).
+        metrics.update(importlib.import_module(module).run_part(quick))
         metrics[f"{part}_seconds"] = round(time.perf_counter() - t0, 1)
     before = metrics.get("evolve_acc_before")
     if before is not None:
