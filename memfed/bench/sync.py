@@ -9,7 +9,10 @@ Three parts, each in the same run as its baseline:
   its store adopts that file (fsync, rename, index row): the payload is written once — against the
   baseline: a raw ``grpc.aio`` server stream of the same 64 MiB in 1 MiB messages, no TLS, no protobuf
   (identity serializers), read by a sync client that only counts bytes. ``ratios.transfer_vs_raw_grpc``
-  = our throughput / the raw stream's. Measured in the same run, the floors under the receiving side
+  = our throughput / the raw stream's. ``ratios.mtls_stream_vs_raw_grpc`` is the floor under it: the
+  same raw stream with mutual TLS and nothing else (``metrics.floor_mtls_stream_s``), and
+  ``ratios.transfer_vs_mtls_stream`` how close to that floor we are. Measured in the same run, the
+  floors under the receiving side
   (``metrics.floor_*``): writing + fsyncing 64 MiB to a fresh file, and SHA-256 over 64 MiB; and the
   part of our time spent adopting (``metrics.transfer_adopt_median_s``: fsync, rename, commit).
 * authorize: ``Registry.is_allowed`` (deny-by-default lookup over grants and groups, plus one
@@ -53,10 +56,13 @@ def _pct(values: list[float], q: float) -> float:
 RAW_OPTS = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 4 << 20)]
 
 
-def _raw_server_main(payload_file: str, port_file: str) -> None:
-    """The baseline's server, in its own process (``python -m memfed.bench.sync raw-server F P``): a
-    ``grpc.aio`` server stream of the file's bytes in 1 MiB messages, no TLS, identity serializers."""
+def _raw_server_main(payload_file: str, port_file: str, tls_dir: str) -> None:
+    """The baseline's server, in its own process (``python -m memfed.bench.sync raw-server F P T``): a
+    ``grpc.aio`` server stream of the file's bytes in 1 MiB messages, identity serializers, on two ports:
+    one plain (the baseline) and one with mutual TLS from ``T`` (the transport floor)."""
     import grpc
+
+    from memfed.registry.tls import TlsFiles
 
     data = Path(payload_file).read_bytes()
     chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
@@ -73,9 +79,12 @@ def _raw_server_main(payload_file: str, port_file: str) -> None:
         server = grpc.aio.server(options=RAW_OPTS)
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port("127.0.0.1:0")
+        tls_port = server.add_secure_port(
+            "127.0.0.1:0", TlsFiles.from_dir(Path(tls_dir)).server_credentials()
+        )
         await server.start()
         tmp = Path(port_file + ".tmp")
-        tmp.write_text(str(port))
+        tmp.write_text(f"{port} {tls_port}")
         tmp.rename(port_file)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -108,36 +117,61 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _make_pki(work: Path) -> Path:
+    """A network CA and certificates for the registry and nodes A and B (``A`` also serves the raw
+    stream's TLS port)."""
+    from memfed.registry import pki
+
+    d = work / "pki"
+    pki.init_ca(d)
+    for name in ("registry", "node-a", "node-b"):
+        pki.issue(d, name)
+    return d
+
+
 def _raw_grpc_seconds(
-    work: Path, payload: bytes, repeats: int, sizes: tuple[int, ...]
-) -> dict[int, list[float]]:
-    """Per size (a prefix of ``payload``, whole MiBs): the raw stream's seconds, after one warm-up."""
+    work: Path, pki_dir: Path, payload: bytes, repeats: int, sizes: tuple[int, ...]
+) -> tuple[dict[int, list[float]], list[float]]:
+    """Per size (a prefix of ``payload``, whole MiBs): the raw stream's seconds, after one warm-up; and
+    the full payload's seconds over the same stream with mutual TLS (node B's certificate against node
+    A's): the transport the issue prescribes, with nothing else done, on a warm channel."""
     import grpc
+
+    from memfed.registry.tls import TlsFiles
 
     payload_file = work / "raw.bin"
     payload_file.write_bytes(payload)
     port_file = work / "raw.port"
-    proc, addr = _spawn(
-        [sys.executable, "-m", "memfed.bench.sync", "raw-server", str(payload_file), str(port_file)],
+    proc, _ = _spawn(
+        [sys.executable, "-m", "memfed.bench.sync", "raw-server", str(payload_file), str(port_file),
+         str(pki_dir / "node-a")],
         port_file,
         work / "raw.log",
-    )
+    )  # fmt: skip
+    port, tls_port = port_file.read_text().split()
     times: dict[int, list[float]] = {}
+
+    def timed(get: Any, size: int) -> list[float]:
+        runs = []
+        for _ in range(repeats + 1):  # the first warms the connection
+            t0 = time.perf_counter()
+            n = sum(len(c) for c in get(str(size).encode()))
+            runs.append(time.perf_counter() - t0)
+            assert n == size
+        return runs[1:]
+
     try:
-        with grpc.insecure_channel(addr, options=RAW_OPTS) as ch:
-            get = ch.unary_stream("/raw.Raw/Get")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=RAW_OPTS) as ch:
             for size in sizes:
-                runs = []
-                for _ in range(repeats + 1):  # the first warms the connection
-                    t0 = time.perf_counter()
-                    n = sum(len(c) for c in get(str(size).encode()))
-                    runs.append(time.perf_counter() - t0)
-                    assert n == size
-                times[size] = runs[1:]
+                times[size] = timed(ch.unary_stream("/raw.Raw/Get"), size)
+        creds = TlsFiles.from_dir(pki_dir / "node-b").channel_credentials()
+        opts = [*RAW_OPTS, ("grpc.ssl_target_name_override", "node-a")]
+        with grpc.secure_channel(f"127.0.0.1:{tls_port}", creds, options=opts) as ch:
+            tls = timed(ch.unary_stream("/raw.Raw/Get"), len(payload))
     finally:
         _stop(proc)
         payload_file.unlink(missing_ok=True)
-    return times
+    return times, tls
 
 
 # -- our transfer -------------------------------------------------------------------------------------
@@ -191,7 +225,12 @@ def _floors(work: Path, payload: bytes, repeats: int) -> dict[str, float]:
 
 
 def _transfer_seconds(
-    work: Path, payload: bytes, repeats: int, sizes: tuple[int, ...], adopt: list[float] | None = None
+    work: Path,
+    pki_dir: Path,
+    payload: bytes,
+    repeats: int,
+    sizes: tuple[int, ...],
+    adopt: list[float] | None = None,
 ) -> dict[int, list[float]]:
     """Node B (this process) pulls from node A (`memfed node serve`, its own process) with the catalog
     and token from the registry (`memfed registry serve`, its own process): the layout of a real
@@ -208,7 +247,6 @@ def _transfer_seconds(
     from memfed.node.service.sync import Syncer
     from memfed.node.store import CubeStore
     from memfed.node.tiny_models import save_tiny_model_dir
-    from memfed.registry import pki
     from memfed.registry.node_identity import identity_message
     from memfed.registry.tls import TlsFiles
     from memfed.registry_client import RegistryClient
@@ -225,10 +263,7 @@ def _transfer_seconds(
             finally:
                 self.adopt_seconds = [*getattr(self, "adopt_seconds", []), time.perf_counter() - t0]
 
-    d = work / "pki"
-    pki.init_ca(d)
-    for name in ("registry", "node-a", "node-b"):
-        pki.issue(d, name)
+    d = pki_dir
     ids = {n: init_identity(work / f"id-{n}", name=n) for n in ("node-a", "node-b")}
     view = memoryview(payload)
     cubes = {
@@ -502,9 +537,10 @@ def run(*, quick: bool = False) -> BenchResult:
     result = BenchResult()
     try:
         payload = os.urandom(SIZE)
-        raw_by_size = _raw_grpc_seconds(work, payload, repeats, SWEEP)
+        pki_dir = _make_pki(work)
+        raw_by_size, tls = _raw_grpc_seconds(work, pki_dir, payload, repeats, SWEEP)
         adopt: list[float] = []
-        ours_by_size = _transfer_seconds(work, payload, repeats, SWEEP, adopt)
+        ours_by_size = _transfer_seconds(work, pki_dir, payload, repeats, SWEEP, adopt)
         result.metrics.update(_floors(work, payload, repeats))
         aes_by_size = _aes_gcm_seconds(payload, repeats, SWEEP)
         del payload
@@ -522,6 +558,10 @@ def run(*, quick: bool = False) -> BenchResult:
         result.metrics["transfer_gbps"] = SIZE / statistics.median(ours) / 1e9
         result.metrics["raw_grpc_gbps"] = SIZE / statistics.median(raw) / 1e9
         result.ratios["transfer_vs_raw_grpc"] = statistics.median(raw) / statistics.median(ours)
+        # The floor the goal meets first: the mutual-TLS stream alone, against the same raw stream.
+        result.metrics["floor_mtls_stream_s"] = statistics.median(tls)
+        result.ratios["mtls_stream_vs_raw_grpc"] = statistics.median(raw) / statistics.median(tls)
+        result.ratios["transfer_vs_mtls_stream"] = statistics.median(tls) / statistics.median(ours)
         result.metrics["load_average_1m"] = os.getloadavg()[0]
         result.baseline = {
             "transfer": "raw grpc.aio server stream (grpcio) in its own process, no TLS, identity "
@@ -534,11 +574,15 @@ def run(*, quick: bool = False) -> BenchResult:
             "and kept in A's memory so a resume continues the same stream; AES-256-GCM over every 1 MiB "
             "chunk on every pull, no sealed copy on disk), B checks the header (signature, catalog), "
             "authenticates each chunk before keeping it, appends its plaintext to a resumable partial "
-            "file while hashing it (SHA-256 + XXH3-128), checks the digest and adopts the file into "
+            "file (O_DIRECT where the filesystem has it) while hashing it (SHA-256 + XXH3-128), checks "
+            "the digest and adopts the file into "
             "its store (fsync, rename, index row: the payload is written once); a fresh store for B "
             f"every pull; median of {repeats} after one warm-up pull (which also builds A's header)",
             "floors": "fresh 64 MiB file written in 1 MiB writes + fsync; hashlib.sha256 over 64 MiB; "
             f"median of {repeats}, same run",
+            "mtls_stream": "the baseline's server and client with mutual TLS (node A's certificate "
+            "serving, node B's calling) on a warm channel: the transport the issue prescribes and "
+            f"nothing else; same 64 MiB, same run, median of {repeats} after one warm-up",
         }
         if only == "transfer":
             return result
@@ -566,4 +610,4 @@ def run(*, quick: bool = False) -> BenchResult:
 
 if __name__ == "__main__":  # the baseline's server process (see _raw_server_main)
     if sys.argv[1:2] == ["raw-server"]:
-        _raw_server_main(sys.argv[2], sys.argv[3])
+        _raw_server_main(sys.argv[2], sys.argv[3], sys.argv[4])

@@ -43,6 +43,7 @@ from memfed.errors import (
 )
 from memfed.mip.v1 import cube_pb2, node_service_pb2
 from memfed.mip.v1 import registry_service_pb2 as rpb
+from memfed.node.service import serde
 from memfed.registry.tls import peer_of
 
 pb = node_service_pb2
@@ -65,13 +66,8 @@ def public_identity_of(ident: rpb.NodeIdentity) -> PublicIdentity:
     )
 
 
-def _chunk_message(index: int, data: bytes, last: bool) -> pb.CubeStreamMessage:
-    """One sealed chunk as a stream message, its bytes copied once (a ``Chunk`` passed to the
-    message's constructor would be copied a second time)."""
-    msg = pb.CubeStreamMessage()
-    c = msg.chunk
-    c.index, c.data, c.last = index, data, last
-    return msg
+# Room before a sealed chunk's ciphertext for its message prefix (serde.chunk_wire_prefix: at most 35).
+_PREFIX_ROOM = 64
 
 
 class SealedSource:
@@ -125,7 +121,7 @@ class SealedSource:
                 )
         return path
 
-    async def stream(self, path: Path, resume_from: int) -> AsyncIterator[pb.CubeStreamMessage]:
+    async def stream(self, path: Path, resume_from: int) -> AsyncIterator[pb.CubeStreamMessage | bytes]:
         f = await asyncio.to_thread(open, path, "rb", buffering=0)
         try:
             header, data = await asyncio.to_thread(read_header, f)
@@ -142,13 +138,13 @@ class SealedSource:
             for i in range(resume_from, e.chunk_count):
                 n = chunk_plain_len(i, e.plaintext_size, e.chunk_size) + TAG_BYTES
                 chunk = await asyncio.to_thread(f.read, n)
-                yield _chunk_message(i, chunk, i == e.chunk_count - 1)
+                yield serde.chunk_wire_prefix(i, len(chunk), i == e.chunk_count - 1) + chunk
         finally:
             f.close()
 
     async def fetch(
         self, m: CubeManifest, request: pb.FetchCubeRequest, context: Any
-    ) -> AsyncIterator[pb.CubeStreamMessage]:
+    ) -> AsyncIterator[pb.CubeStreamMessage | bytes]:
         recipient = await asyncio.to_thread(self.recipient, context, request.recipient_id)
         if m.kind == cube_pb2.CUBE_KIND_LORA:  # watermarked per recipient: sealed once into a file
             path = await asyncio.to_thread(self.prepare, m, recipient, request.chunk_size)
@@ -180,7 +176,7 @@ class SealedSource:
 
     async def stream_direct(
         self, m: CubeManifest, recipient: PublicIdentity, chunk_size: int, resume_from: int
-    ) -> AsyncIterator[pb.CubeStreamMessage]:
+    ) -> AsyncIterator[pb.CubeStreamMessage | bytes]:
         """Seal on the fly from the store's payload file: no sealed copy is written. Re-sealing chunk i
         under the same key, stream id and index gives the same bytes (the plaintext is the same), so
         resuming works without keeping the ciphertext."""
@@ -192,14 +188,16 @@ class SealedSource:
                 hint="start again from chunk 0",
             )
         enc = StreamEncryptor(content_key, e.stream_id, header_hash(prefix[PREFIX_BYTES:]))
-        yield pb.CubeStreamMessage(sealed_header=header)
         f = await asyncio.to_thread(open, self.node.store.payload_path(m.digest), "rb", buffering=0)
         try:
             cs = e.chunk_size
-            inbuf, outbuf = memoryview(bytearray(cs)), memoryview(bytearray(cs + TAG_BYTES))
+            inbuf = memoryview(bytearray(cs))
+            wire = memoryview(bytearray(_PREFIX_ROOM + cs + TAG_BYTES))
             f.seek(resume_from * cs)
 
-            def seal(i: int) -> pb.CubeStreamMessage:
+            def seal(i: int) -> bytes:
+                """Chunk i's encoded message: its prefix, then the ciphertext sealed right after it (one
+                copy of the bytes in all, into the message gRPC sends)."""
                 n = chunk_plain_len(i, e.plaintext_size, cs)
                 got = f.readinto(inbuf[:n])
                 if got != n:
@@ -207,15 +205,23 @@ class SealedSource:
                         f"the stored payload of {m.cube_id}@{m.version} is shorter than its manifest"
                     )
                 last = i == e.chunk_count - 1
-                data = bytes(enc.encrypt_into(i, last, inbuf[:n], outbuf))
-                return _chunk_message(i, data, last)
+                prefix = serde.chunk_wire_prefix(i, n + TAG_BYTES, last)
+                at = _PREFIX_ROOM - len(prefix)
+                wire[at:_PREFIX_ROOM] = prefix
+                enc.encrypt_into(i, last, inbuf[:n], wire[_PREFIX_ROOM:])
+                return bytes(wire[at : _PREFIX_ROOM + n + TAG_BYTES])
 
             # Chunk i+1 is read and sealed on a worker thread while chunk i is being sent (one ahead:
-            # ``seal`` reuses its buffers, and each message owns a copy of its bytes).
-            ahead: asyncio.Future[pb.CubeStreamMessage] | None = None
+            # ``seal`` reuses its buffers, and each message owns a copy of its bytes); the first chunk
+            # while the header is.
+            ahead: asyncio.Future[bytes] | None = None
+            if resume_from < e.chunk_count:
+                ahead = asyncio.ensure_future(asyncio.to_thread(seal, resume_from))
             try:
+                yield pb.CubeStreamMessage(sealed_header=header)
                 for i in range(resume_from, e.chunk_count):
-                    msg = await (ahead if ahead is not None else asyncio.to_thread(seal, i))
+                    assert ahead is not None
+                    msg = await ahead
                     ahead = None
                     if i + 1 < e.chunk_count:
                         ahead = asyncio.ensure_future(asyncio.to_thread(seal, i + 1))

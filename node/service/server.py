@@ -28,7 +28,8 @@ from grpc_reflection.v1alpha import reflection
 from memfed.background import BackgroundServer as _Background
 from memfed.client import CHANNEL_OPTIONS, CHUNK_SIZE, SERVICE_NAME
 from memfed.errors import InvalidArgumentError, NotFoundError, UnavailableError
-from memfed.mip.v1 import node_service_pb2_grpc
+from memfed.mip.v1 import node_service_pb2
+from memfed.node.service import serde
 from memfed.node.service.batcher import GenerateBatcher
 from memfed.node.service.feedback import FeedbackIntake
 from memfed.node.service.node import Node
@@ -51,6 +52,36 @@ def tls_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grp
             f"TLS file {exc.filename} does not exist", hint="check --tls-cert/--tls-key/--tls-ca"
         ) from None
     return grpc.ssl_server_credentials([chain], root_certificates=ca, require_client_auth=ca is not None)
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_node_service(servicer: NodeServicer, server: grpc.aio.Server) -> None:
+    """Register NodeService as the generated ``add_NodeServiceServicer_to_server`` does, except that
+    FetchCube's responses go through ``serde.encode_stream_message``: its payload chunks arrive encoded
+    already (see serde), which is what makes a sealed transfer cheap to send."""
+    from google.protobuf import message_factory
+
+    handlers = {}
+    for method in node_service_pb2.DESCRIPTOR.services_by_name["NodeService"].methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=request.FromString,
+            response_serializer=(
+                serde.encode_stream_message if method.name == "FetchCube" else response.SerializeToString
+            ),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class NodeServer:
@@ -142,7 +173,7 @@ class NodeServer:
         )
         interceptors = [self.metrics.interceptor()] if self.metrics is not None else None
         server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=interceptors)
-        node_service_pb2_grpc.add_NodeServiceServicer_to_server(self.servicer, server)
+        add_node_service(self.servicer, server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

@@ -218,7 +218,9 @@ class NodeServicer(node_service_pb2_grpc.NodeServiceServicer):
     @edge_stream
     async def FetchCube(
         self, request: pb.FetchCubeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.CubeStreamMessage]:
+    ) -> AsyncIterator[pb.CubeStreamMessage | bytes]:
+        """The cube as a stream: its manifest (or sealed header), then its payload chunks, which come
+        encoded as bytes (``serde.chunk_wire_prefix``; the server's FetchCube serializer passes them on)."""
         self._authorize("export", _name(request.ref), request.capability, context)
         if request.recipient_id:
             if self.sealer is None:

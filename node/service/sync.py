@@ -39,6 +39,7 @@ import fcntl
 import hashlib
 import io
 import logging
+import mmap
 import os
 import time
 from collections import deque
@@ -74,13 +75,15 @@ from memfed.errors import (
     UnavailableError,
     UnsupportedError,
 )
-from memfed.mip.v1 import node_service_pb2, node_service_pb2_grpc
+from memfed.mip.v1 import node_service_pb2
 from memfed.node.service.sealed import public_identity_of
+from memfed.node.service.serde import ChunkView, decode_stream_message
 from memfed.registry.tls import TlsFiles
 from memfed.registry_client import RegistryClient
 
 pb = node_service_pb2
 log = logging.getLogger("memfed.node.sync")
+FETCH_CUBE = "/memfed.mip.v1.NodeService/FetchCube"
 HEADER_SUFFIX = ".header"
 PAYLOAD_SUFFIX = ".payload.part"
 # A transfer refused for its content (not cut): its partial files are useless, the next try starts over.
@@ -221,11 +224,16 @@ class Syncer:
             chunk_size=self.chunk_size,
         )
         with self._channel(ident) as ch:
-            stub = node_service_pb2_grpc.NodeServiceStub(ch)
+            # Chunks are read as views into the received messages (serde.decode_stream_message).
+            fetch = ch.unary_stream(
+                FETCH_CUBE,
+                request_serializer=pb.FetchCubeRequest.SerializeToString,
+                response_deserializer=decode_stream_message,
+            )
             try:
-                stream = stub.FetchCube(req, timeout=self.timeout_s)
+                stream = fetch(req, timeout=self.timeout_s)
                 first = next(stream)
-                if first.WhichOneof("body") != "sealed_header":
+                if isinstance(first, ChunkView) or first.WhichOneof("body") != "sealed_header":
                     raise IntegrityError("the holder did not start its stream with a sealed header")
                 prefix = encode_header(first.sealed_header)
                 if saved is not None and prefix != saved:
@@ -260,7 +268,8 @@ class Syncer:
         if start:
             _rehash_kept(fd, start * cs, cs, (sha, xxh), fmt)
         dec = StreamDecryptor(opened.content_key, e.stream_id, header_hash(opened.header_bytes))
-        outs = [memoryview(bytearray(cs)) for _ in range(_BUFFERS)]
+        sink = _PayloadSink(fd, cs)
+        outs = [sink.buffer() for _ in range(_BUFFERS)]
         # Two workers, each running its jobs in order: the writer authenticates chunk i (raises unless
         # authentic), then appends its plaintext — so the file stays a prefix of verified chunks — and
         # hands it to the hasher, which hashes it while the writer goes on with chunk i+1 and chunk i+2
@@ -275,11 +284,12 @@ class Syncer:
             sha.update(plain)
             xxh.update(plain)
 
-        def keep(index: int, last: bool, data: bytes) -> Future[None]:
-            plain = dec.decrypt_into(index, last, memoryview(data), outs[index % _BUFFERS])
+        def keep(index: int, last: bool, data: memoryview) -> Future[None]:
+            out = outs[index % _BUFFERS]
+            plain = dec.decrypt_into(index, last, data, out)
             if fmt is not None:
                 fmt.feed(plain)
-            _write_all(fd, plain)
+            sink.append(out, len(plain))
             return hasher.submit(hash_plain, plain)
 
         writing: deque[Future[Future[None]]] = deque()  # chunks being authenticated and written
@@ -303,12 +313,10 @@ class Syncer:
         received = 0
         expect = start
         try:
-            for msg in stream:
-                c = msg.chunk
-                if msg.WhichOneof("body") != "chunk" or c.index != expect:
-                    raise IntegrityError(
-                        f"the holder sent {msg.WhichOneof('body')} where chunk {expect} belongs"
-                    )
+            for c in stream:
+                if not isinstance(c, ChunkView) or c.index != expect:
+                    what = f"chunk {c.index}" if isinstance(c, ChunkView) else c.WhichOneof("body")
+                    raise IntegrityError(f"the holder sent {what} where chunk {expect} belongs")
                 last = expect == e.chunk_count - 1
                 size = chunk_plain_len(expect, e.plaintext_size, cs) + TAG_BYTES
                 data = c.data
@@ -324,6 +332,7 @@ class Syncer:
         finally:
             writer.shutdown(wait=True, cancel_futures=True)  # first: its jobs hand work to the hasher
             hasher.shutdown(wait=True, cancel_futures=True)
+            sink.close()
         if expect != e.chunk_count:
             raise UnavailableError(
                 f"the transfer of {ref_string(m)} stopped at chunk {expect} of {e.chunk_count}",
@@ -409,6 +418,66 @@ def _write_all(fd: int, data: memoryview) -> None:
     off = 0
     while off < len(data):
         off += os.write(fd, data[off:])
+
+
+_ALIGN = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (the common logical block size)
+
+
+class _PayloadSink:
+    """Appends verified plaintext to the partial payload file, past the page cache where it can.
+
+    With O_DIRECT (Linux, a filesystem that has it, a chunk size that is a multiple of 4 KiB) each
+    chunk goes from its (page-aligned) buffer to the disk while the next ones arrive: no copy into the
+    page cache, and the store's fsync at adoption finds nothing left to write. Through the page cache
+    that fsync waited for the whole payload after the last chunk (about as long as the network part of
+    a 64 MiB transfer). The last chunk is written padded to the alignment and the file cut back to the
+    payload's size at ``close``; a receiver killed before that leaves a longer file, whose last chunk a
+    resume never keeps (``_resume_point``). Elsewhere, or when the filesystem refuses, plain writes.
+    """
+
+    def __init__(self, fd: int, chunk_size: int) -> None:
+        self.fd = fd
+        self.size = os.fstat(fd).st_size  # the payload's bytes in the file (the kept prefix)
+        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self.direct = False
+        direct = getattr(os, "O_DIRECT", 0)
+        if direct and chunk_size % _ALIGN == 0 and self.size % _ALIGN == 0:
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | direct)
+                self.direct = True
+            except OSError:  # e.g. tmpfs: no direct I/O
+                pass
+        self.chunk_size = chunk_size
+
+    def buffer(self) -> memoryview:
+        """A chunk buffer this sink can write from (page-aligned: an anonymous mapping)."""
+        n = -(-self.chunk_size // _ALIGN) * _ALIGN
+        return memoryview(mmap.mmap(-1, n)) if self.direct else memoryview(bytearray(self.chunk_size))
+
+    def append(self, buf: memoryview, n: int) -> None:
+        """Append ``buf[:n]`` (a buffer from ``buffer``)."""
+        if self.direct:
+            try:
+                _write_all(self.fd, buf[: -(-n // _ALIGN) * _ALIGN])
+                self.size += n
+                return
+            except OSError as exc:  # refused before writing anything: go on through the page cache
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._buffered()
+        _write_all(self.fd, buf[:n])
+        self.size += n
+
+    def _buffered(self) -> None:
+        if self.direct:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+            self.direct = False
+            os.ftruncate(self.fd, self.size)  # a padded last chunk written before
+
+    def close(self) -> None:
+        """Back to plain I/O, the file exactly the payload's bytes written so far."""
+        if self.direct:
+            self._buffered()
 
 
 def _open_locked(path: Path) -> int:
