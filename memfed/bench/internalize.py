@@ -86,8 +86,9 @@ def run(*, quick: bool = False) -> BenchResult:
             "none": "the bare embedded model, closed book",
             "module": "rank-8 LoRA on every linear layer, trained with PEFT on template augmentation",
             "threads": torch.get_num_threads(),
-            "steering": "CAA vector at layer 0, strength 8, from the train split of the shipped context-"
-            "faithfulness pairs; distilled into a rank-8 all-linear LoRA (PEFT) on KL to the steered "
+            "steering": "CAA vector from the train split of the shipped context-faithfulness pairs, its "
+            "layer and strength picked there (every layer x 0.5..8, as `memfed steer extract`); distilled "
+            "into a rank-8 all-linear LoRA (PEFT) on KL to the steered "
             "model; scored on the held-out pairs and neutral questions",
         },
         ratios={
@@ -108,7 +109,7 @@ def _steering_fidelity(model: Any, tok: Any, quick: bool) -> dict[str, float]:
     from memfed.node.conversion.train import LoraTrainConfig
 
     train, heldout = st.context_pairs("train"), st.context_pairs("heldout")
-    vector, _ = st.extract(model, tok, train, layer=0, strength=8.0)
+    vector, picked = st.extract(model, tok, train)  # layer and strength picked on the train pairs
     config = LoraTrainConfig(rank=8, alpha=16.0, lr=5e-3, steps=40 if quick else 150, batch_size=32)
     neutral = st.neutral_prompts(128)
     trained = st.distill(model, tok, vector, train, config=config, extra_texts=neutral[:64])
@@ -122,6 +123,8 @@ def _steering_fidelity(model: Any, tok: Any, quick: bool) -> dict[str, float]:
         "steering_behaviour_steered": r.behaviour_steered["rate"],
         "steering_behaviour_module": r.behaviour_distilled["rate"],
         "steering_distill_seconds": r.seconds,
+        "steering_layer": float(picked.layer),
+        "steering_strength": picked.strength,
     }
 
 
