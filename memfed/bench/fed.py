@@ -4,13 +4,15 @@
   for FedIT (A and B averaged separately) on the same updates: real PEFT updates of ``nodes`` nodes, each
   trained on its own slice of the shipped documents on the tiny model, from one shared init (FedIT at its
   best). ``agg_error_svd`` is the SVD method's reported truncation error at the training rank.
-- ``ratios.round_overhead_vs_flower_fedavg``: a whole round on Flower's simulation engine, median over
-  rounds 2..R of two alternating runs each (round 1 loads the model in every worker, and ours also runs
-  the admission handshake then); ``round_{configure,wait,aggregate}_s`` split it up:
+- ``ratios.round_overhead_vs_flower_fedavg``: a whole round on Flower's simulation engine, ours against
+  Flower's ``FedAvg`` interleaved round by round in one run (``whole_rounds``), median over rounds
+  2..R of every run (round 1 loads the model in every worker, and ours also runs the admission
+  handshake then); ``metrics.round_paired_ratio`` is the median of the per-round ratios, and
+  ``round_{configure,wait,aggregate}_s`` split a round up:
   our ServerApp strategy (admission check, signed replies, validation, exact stacking, a cube published
   to the store) against Flower's own ``FedAvg`` strategy, with the same ClientApp training (the same
-  ``train_update`` call, settings and data), the same update arrays on the wire, the same engine, nodes
-  and Grid. Round = from ``configure_train`` to the end of ``aggregate_train``.
+  ``train_update`` call, settings and data), the same update arrays on the wire, the same engine, nodes,
+  workers and Grid. Round = from ``configure_train`` to the end of ``aggregate_train``.
 - ``metrics.server_step_s`` vs ``baseline.server_step_fedavg_s``: only the server's step on 8 replies
   (validate + aggregate + build the next cube) against Flower's ``aggregate_arrayrecords`` (FedAvg's
   weighted mean) on the same ArrayRecords; medians. The baseline does less (no checks, no cube).
@@ -27,6 +29,7 @@ whole-round comparison, for iterating on the round's overhead; the other figures
 from __future__ import annotations
 
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -36,6 +39,7 @@ from typing import Any
 
 from memfed.bench.harness import BenchResult, median_seconds
 
+ENGINE_TICK_S = 0.1  # flwr 1.42's simulation engine polls for pushed messages this often
 ACC_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -121,6 +125,7 @@ def run(*, quick: bool = False) -> BenchResult:
             "round_wait_s": rounds["ours_wait_s"],
             "round_aggregate_s": rounds["ours_aggregate_s"],
             "rounds_measured": rounds["ours_rounds_measured"],
+            "round_paired_ratio": rounds["paired_ratio"],
             "server_step_s": ours_s,
             "update_bytes": float(update_bytes),
             "adapter_bytes": float(adapter_bytes),
@@ -162,7 +167,7 @@ def _round_settings(quick: bool) -> tuple[Any, int, int, int]:
     """(train settings, nodes, rounds, runs) of the whole-round comparison."""
     from memfed.fed.strategy import TrainSettings
 
-    nodes, rounds, runs = (3, 4, 1) if quick else (4, 9, 2)
+    nodes, rounds, runs = (3, 4, 1) if quick else (4, 24, 2)
     return TrainSettings(rank=4, steps=5, batch_size=8), nodes, rounds, runs
 
 
@@ -170,12 +175,12 @@ def _round_baseline(train: Any, nodes: int, rounds: int, runs: int) -> str:
     from memfed.fed.grid import PollingGrid
 
     return (
-        f"FedAvg(fraction_train=1, fraction_evaluate=0) on {nodes} virtual nodes, "
-        f"{runs} runs of {rounds} rounds each alternating with ours, median of "
-        f"rounds 2..{rounds} of every run; the same ClientApp training "
-        f"(train_update, rank {train.rank}, {train.steps} steps, batch {train.batch_size}) "
-        "returning the same rank-r factor arrays, the same Grid "
-        f"({PollingGrid.DEFAULT_POLL_S:g} s polls), 1 CPU a worker"
+        f"FedAvg(fraction_train=1, fraction_evaluate=0) on {nodes} virtual nodes, interleaved round by "
+        f"round with ours in {runs} simulation runs of {rounds} rounds each (order swapped every round), "
+        f"median of rounds 2..{rounds} of every run; the same ClientApp training (train_update, rank "
+        f"{train.rank}, {train.steps} steps, batch {train.batch_size}) on the same workers, returning the "
+        f"same rank-r factor arrays, the same Grid ({PollingGrid.DEFAULT_POLL_S:g} s polls), 1 CPU a "
+        "worker; ours publishes inside its round"
     )
 
 
@@ -194,6 +199,7 @@ def run_rounds(*, quick: bool = False, runs: int | None = None) -> BenchResult:
         metrics={
             **{f"{k}_s": r[f"ours_{p}_s"] for k, p in parts.items()},
             "rounds_measured": r["ours_rounds_measured"],
+            "round_paired_ratio": r["paired_ratio"],
         },
         baseline={
             "name": "Flower FedAvg strategy (flwr 1.42 Message API), simulation engine",
@@ -226,54 +232,52 @@ class _NoPublish:
 # -- whole rounds: ours vs Flower's FedAvg on the simulation engine -----------------------------------
 
 
-def _timed(strategy: Any, marks: dict[int, list[float]]) -> Any:
-    """Record, per round, when ``configure_train`` starts and ``aggregate_train`` ends (same for both)."""
-    configure, aggregate_ = strategy.configure_train, strategy.aggregate_train
-
-    def configure_train(server_round: int, *args: Any, **kwargs: Any) -> Any:
-        marks[server_round] = [time.perf_counter()]
-        out = list(configure(server_round, *args, **kwargs))
-        marks[server_round].append(time.perf_counter())
-        return out
-
-    def aggregate_train(server_round: int, replies: Any) -> Any:
-        marks[server_round].append(time.perf_counter())
-        out = aggregate_(server_round, replies)
-        marks[server_round].append(time.perf_counter())
-        return out
-
-    strategy.configure_train, strategy.aggregate_train = configure_train, aggregate_train
-    return strategy
-
-
-def _fedavg_client_app(nodes_root: str, model: str) -> Any:
-    """FedAvg's ClientApp: the same local training as ours (``train_update`` on top of the received
+def _fedavg_train(setup: Any, content: Any) -> Any:
+    """FedAvg's node side: the same local training as ours (``train_update`` on top of the received
     factors, the round's settings), replying with the factors under the received keys, unsigned."""
-    from flwr.app import Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
+    from flwr.app import MetricRecord, RecordDict
 
-    from memfed.fed.client_app import load_setup, lora_config, node_paths
+    from memfed.fed.client_app import lora_config
     from memfed.fed.local import train_update
     from memfed.fed.wire import factors_to_record, record_to_factors
 
+    shared = record_to_factors(content.array_records["arrays"])
+    cfg = content.config_records["config"]
+    update = train_update(
+        setup.model, setup.tokenizer, setup.items, shared, lora_config(cfg, sorted(shared)),
+        fan_in_fan_out=setup.fan_in_fan_out,
+    )  # fmt: skip
+    return RecordDict(
+        {
+            "arrays": factors_to_record(update.factors),
+            "metrics": MetricRecord({"num-examples": update.num_examples}),
+        }
+    )
+
+
+def _paired_client_app(nodes_root: str, model: str) -> Any:
+    """One ClientApp for both arms: our admission query, and TRAIN messages answered by our node side
+    (content under ``global``: signed update) or by FedAvg's (content under ``arrays``), on the same
+    worker with the same loaded model."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from memfed.fed.client_app import hello_content, load_setup, load_signer, node_dp, node_paths, train_round
+    from memfed.fed.wire import GLOBAL_KEY
+
     app = ClientApp()
+
+    @app.query()
+    def hello(msg: Message, context: Context) -> Message:
+        identity, _data, _model, principal = node_paths(context, nodes_root, model)
+        return Message(hello_content(load_signer(identity, principal), msg.content), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         setup = load_setup(*node_paths(context, nodes_root, model))
-        shared = record_to_factors(msg.content.array_records["arrays"])
-        cfg = msg.content.config_records["config"]
-        update = train_update(
-            setup.model, setup.tokenizer, setup.items, shared, lora_config(cfg, sorted(shared)),
-            fan_in_fan_out=setup.fan_in_fan_out,
-        )  # fmt: skip
-        content = RecordDict(
-            {
-                "arrays": factors_to_record(update.factors),
-                "metrics": MetricRecord({"num-examples": update.num_examples}),
-            }
-        )
-        return Message(content, reply_to=msg)
+        if GLOBAL_KEY in msg.content.array_records:
+            return Message(train_round(setup, msg.content, node_dp(context)), reply_to=msg)
+        return Message(_fedavg_train(setup, msg.content), reply_to=msg)
 
     return app
 
@@ -281,48 +285,48 @@ def _fedavg_client_app(nodes_root: str, model: str) -> Any:
 def whole_rounds(
     root: Path, model: str, nodes: int, rounds: int, train: Any, *, repeats: int = 1
 ) -> dict[str, float]:
-    """Median round time of our strategy and of Flower's FedAvg on the simulation engine.
+    """Round times of our strategy and of Flower's FedAvg, interleaved on one simulation engine run.
 
-    Each of ``repeats`` runs simulates ours and then FedAvg, each from a fresh start (ours from a new
-    1.0.0); the first round of every run is left out (workers load the model then), and the medians
-    pool the other rounds of all runs, so a burst of load on a shared machine moves them less.
+    Each of ``repeats`` runs is one simulation whose ServerApp drives both strategies round by round
+    over the same Grid and the same warm workers, the loop of Flower's ``Strategy.start``
+    (``configure_train`` → ``send_and_receive`` → ``aggregate_train``; evaluation is off for both):
+    round r of one, then round r of the other, the order swapped every round. Interleaving is what
+    keeps the ratio steady on a shared machine: a burst of load hits both arms alike (run one after
+    the other, the ratio moved 0.92-1.30 between runs of unchanged code). The first pair is left out
+    (workers load the model then, and ours runs its admission handshake). Ours publishes each round's
+    cube inside its round (``start`` would overlap it with the next round; here it would overlap
+    FedAvg's). Medians pool the rounds of all runs; ``paired_ratio`` is the median of per-round ratios.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from flwr.simulation import run_simulation
 
-    from memfed.fed.client_app import make_client_app
     from memfed.fed.simulate import prepare
 
     done: dict[str, list[list[float]]] = {"ours": [], "fedavg": []}
     firsts: dict[str, list[float]] = {"ours": [], "fedavg": []}
+    pairs: list[float] = []
     for k in range(repeats):
         settings = prepare(root / f"run-{k}", nodes, model=model)
         settings = replace(
-            settings,
-            rounds=rounds,
-            rank=train.rank,
-            steps=train.steps,
-            batch_size=train.batch_size,
+            settings, rounds=rounds, rank=train.rank, steps=train.steps, batch_size=train.batch_size,
             lr=train.lr,
+        )  # fmt: skip
+        marks: dict[str, dict[int, list[float]]] = {"ours": {}, "fedavg": {}}
+        run_simulation(
+            server_app=_paired_server(settings, nodes, rounds, train, marks),
+            client_app=_paired_client_app(str(root / f"run-{k}" / "nodes"), model),
+            num_supernodes=nodes,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
-        nodes_root = str(root / f"run-{k}" / "nodes")
-        for name in ("ours", "fedavg"):
-            marks: dict[int, list[float]] = {}
-            client = (
-                make_client_app(nodes_root, model)
-                if name == "ours"
-                else _fedavg_client_app(nodes_root, model)
-            )
-            run_simulation(
-                server_app=_round_server(name, settings, nodes, rounds, train, marks),
-                client_app=client,
-                num_supernodes=nodes,
-                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-            )
-            complete = [m for _, m in sorted(marks.items()) if len(m) == 4]
-            firsts[name] += [m[3] - m[0] for m in complete[:1]]
-            done[name] += complete[1:]
-    out: dict[str, float] = {}
+        for name, by_round in marks.items():
+            firsts[name] += [m[3] - m[0] for r, m in by_round.items() if r == 1]
+            done[name] += [m for r, m in sorted(by_round.items()) if r > 1]
+        pairs += [
+            (marks["ours"][r][3] - marks["ours"][r][0]) / (marks["fedavg"][r][3] - marks["fedavg"][r][0])
+            for r in marks["ours"]
+            if r > 1 and r in marks["fedavg"]
+        ]
+    out: dict[str, float] = {"paired_ratio": statistics.median(pairs) if pairs else float("nan")}
     for name, spans in done.items():
         out[f"{name}_round_s"] = statistics.median(m[3] - m[0] for m in spans) if spans else float("nan")
         out[f"{name}_first_round_s"] = statistics.median(firsts[name]) if firsts[name] else float("nan")
@@ -334,8 +338,11 @@ def whole_rounds(
     return out
 
 
-def _round_server(name: str, settings: Any, nodes: int, rounds: int, train: Any, marks: dict) -> Any:
-    """The ServerApp of one timed simulation: our strategy, or FedAvg on update-shaped zero arrays."""
+def _paired_server(
+    settings: Any, nodes: int, rounds: int, train: Any, marks: dict[str, dict[int, list[float]]]
+) -> Any:
+    """The ServerApp of one interleaved run: per round, each arm's (configure start, configure end,
+    replies in, aggregate end) into ``marks[arm][round]``."""
     from flwr.app import ConfigRecord, Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
@@ -349,27 +356,37 @@ def _round_server(name: str, settings: Any, nodes: int, rounds: int, train: Any,
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        if name == "ours":
-            strategy = _timed(build_strategy(settings), marks)
-            initial = factors_to_record(cube_factors(strategy.current))
-            config = ConfigRecord()
-        else:
-            strategy = _timed(
-                FedAvg(
-                    fraction_train=1.0,
-                    fraction_evaluate=0.0,
-                    min_train_nodes=nodes,
-                    min_available_nodes=nodes,
-                ),
-                marks,
-            )
-            initial = _zero_update_arrays(settings, train.rank)
-            config = ConfigRecord(
-                {"rank": train.rank, "steps": train.steps, "lr": train.lr, "batch-size": train.batch_size}
-            )
-        strategy.start(
-            PollingGrid(grid), initial_arrays=initial, num_rounds=rounds, timeout=600.0, train_config=config
+        grid = PollingGrid(grid)
+        ours = build_strategy(settings)
+        fedavg = FedAvg(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes
         )
+        fedavg_config = ConfigRecord(
+            {"rank": train.rank, "steps": train.steps, "lr": train.lr, "batch-size": train.batch_size}
+        )
+        arms: dict[str, list[Any]] = {
+            "ours": [ours, factors_to_record(cube_factors(ours.current)), ConfigRecord()],
+            "fedavg": [fedavg, _zero_update_arrays(settings, train.rank), fedavg_config],
+        }
+        dither = random.Random(rounds)
+        for r in range(1, rounds + 1):
+            for name in ("ours", "fedavg") if r % 2 else ("fedavg", "ours"):
+                strategy, arrays, config = arms[name]
+                # Flower's simulation engine picks pushed messages up on a 0.1 s tick
+                # (vce_api.add_messages_to_queue), so a round includes 0-0.1 s of dispatch delay set by
+                # where its push falls in that tick, i.e. by how long the rounds before it took: the arm
+                # after the slower one kept drawing the same phase. An untimed random pause makes the
+                # phase independent of the arms, so both see the same delay distribution.
+                time.sleep(dither.uniform(0.0, ENGINE_TICK_S))
+                t0 = time.perf_counter()
+                messages = list(strategy.configure_train(r, arrays, config, grid))
+                t1 = time.perf_counter()
+                replies = list(grid.send_and_receive(messages, timeout=600.0))
+                t2 = time.perf_counter()
+                aggregated, _metrics = strategy.aggregate_train(r, replies)
+                marks[name][r] = [t0, t1, t2, time.perf_counter()]
+                if aggregated is not None:
+                    arms[name][1] = aggregated
 
     return server
 

@@ -72,6 +72,17 @@ def median_seconds(
     return statistics.median(times)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def environment() -> dict[str, Any]:
     """Facts about the machine a figure was measured on."""
     import memfed
@@ -82,6 +93,9 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        # The CPU family matters twice: for speed, and for the embedded model's weights (its build picks
+        # GEMM kernels by CPU, so an Intel and an AMD build differ).
+        "cpu": _cpu_model(),
     }
     try:
         import torch
