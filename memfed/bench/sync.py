@@ -94,6 +94,23 @@ def _raw_server_main(payload_file: str, port_file: str, tls_dir: str) -> None:
     asyncio.run(serve())
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system, all threads) used so far by this process and ``pids`` (Linux /proc;
+    NaN where there is none)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    total = r.ru_utime + r.ru_stime
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+    return total
+
+
 def _spawn(args: list[str], port_file: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start a server process and wait for the port it writes into ``port_file``."""
     with open(log, "wb") as f:
@@ -131,10 +148,11 @@ def _make_pki(work: Path) -> Path:
 
 def _raw_grpc_seconds(
     work: Path, pki_dir: Path, payload: bytes, repeats: int, sizes: tuple[int, ...]
-) -> tuple[dict[int, list[float]], list[float]]:
+) -> tuple[dict[int, list[float]], list[float], list[float]]:
     """Per size (a prefix of ``payload``, whole MiBs): the raw stream's seconds, after one warm-up; and
     the full payload's seconds over the same stream with mutual TLS (node B's certificate against node
-    A's): the transport the issue prescribes, with nothing else done, on a warm channel."""
+    A's): the transport the issue prescribes, with nothing else done, on a warm channel, with the CPU
+    seconds both ends spent on each of those."""
     import grpc
 
     from memfed.registry.tls import TlsFiles
@@ -151,12 +169,17 @@ def _raw_grpc_seconds(
     port, tls_port = port_file.read_text().split()
     times: dict[int, list[float]] = {}
 
-    def timed(get: Any, size: int) -> list[float]:
+    tls_cpu: list[float] = []
+
+    def timed(get: Any, size: int, cpu: list[float] | None = None) -> list[float]:
         runs = []
-        for _ in range(repeats + 1):  # the first warms the connection
+        for i in range(repeats + 1):  # the first warms the connection
+            c0 = _cpu_seconds([proc.pid])
             t0 = time.perf_counter()
             n = sum(len(c) for c in get(str(size).encode()))
             runs.append(time.perf_counter() - t0)
+            if cpu is not None and i:
+                cpu.append(_cpu_seconds([proc.pid]) - c0)
             assert n == size
         return runs[1:]
 
@@ -167,11 +190,11 @@ def _raw_grpc_seconds(
         creds = TlsFiles.from_dir(pki_dir / "node-b").channel_credentials()
         opts = [*RAW_OPTS, ("grpc.ssl_target_name_override", "node-a")]
         with grpc.secure_channel(f"127.0.0.1:{tls_port}", creds, options=opts) as ch:
-            tls = timed(ch.unary_stream("/raw.Raw/Get"), len(payload))
+            tls = timed(ch.unary_stream("/raw.Raw/Get"), len(payload), tls_cpu)
     finally:
         _stop(proc)
         payload_file.unlink(missing_ok=True)
-    return times, tls
+    return times, tls, tls_cpu
 
 
 # -- our transfer -------------------------------------------------------------------------------------
@@ -231,13 +254,15 @@ def _transfer_seconds(
     repeats: int,
     sizes: tuple[int, ...],
     adopt: list[float] | None = None,
+    cpu: list[float] | None = None,
 ) -> dict[int, list[float]]:
     """Node B (this process) pulls from node A (`memfed node serve`, its own process) with the catalog
     and token from the registry (`memfed registry serve`, its own process): the layout of a real
     network, so the holder's sealing and the receiver's checks do not share one interpreter lock.
 
     A holds one cube per size in ``sizes`` (prefixes of ``payload``); per size, the seconds of each pull
-    after one warm-up. ``adopt`` collects the store adoption times of the full-size pulls."""
+    after one warm-up. ``adopt`` collects the store adoption times of the full-size pulls, ``cpu`` their
+    CPU seconds in all three processes."""
     import json
 
     from memfed.crypto.identity import init_identity, load_public_identity
@@ -332,9 +357,12 @@ def _transfer_seconds(
                         host_fingerprint=None,
                         partial_dir=work / "partial-b",
                     )
+                    c0 = _cpu_seconds([node_a.pid, reg.pid])
                     t0 = time.perf_counter()
                     result = syncer.sync(m.cube_id)
                     runs.append(time.perf_counter() - t0)
+                    if cpu is not None and i and size == len(payload):
+                        cpu.append(_cpu_seconds([node_a.pid, reg.pid]) - c0)
                     assert result.status == "synced" and result.bytes == size
                     if adopt is not None and i and size == len(payload):
                         adopt.extend(store_b.adopt_seconds)
@@ -538,9 +566,10 @@ def run(*, quick: bool = False) -> BenchResult:
     try:
         payload = os.urandom(SIZE)
         pki_dir = _make_pki(work)
-        raw_by_size, tls = _raw_grpc_seconds(work, pki_dir, payload, repeats, SWEEP)
+        raw_by_size, tls, tls_cpu = _raw_grpc_seconds(work, pki_dir, payload, repeats, SWEEP)
         adopt: list[float] = []
-        ours_by_size = _transfer_seconds(work, pki_dir, payload, repeats, SWEEP, adopt)
+        cpu: list[float] = []
+        ours_by_size = _transfer_seconds(work, pki_dir, payload, repeats, SWEEP, adopt, cpu)
         result.metrics.update(_floors(work, payload, repeats))
         aes_by_size = _aes_gcm_seconds(payload, repeats, SWEEP)
         del payload
@@ -562,6 +591,9 @@ def run(*, quick: bool = False) -> BenchResult:
         result.metrics["floor_mtls_stream_s"] = statistics.median(tls)
         result.ratios["mtls_stream_vs_raw_grpc"] = statistics.median(raw) / statistics.median(tls)
         result.ratios["transfer_vs_mtls_stream"] = statistics.median(tls) / statistics.median(ours)
+        # CPU seconds per 64 MiB, both ends together: with two cores, wall >= CPU / 2.
+        result.metrics["mtls_stream_cpu_s"] = statistics.median(tls_cpu)
+        result.metrics["transfer_cpu_s"] = statistics.median(cpu)
         result.metrics["load_average_1m"] = os.getloadavg()[0]
         result.baseline = {
             "transfer": "raw grpc.aio server stream (grpcio) in its own process, no TLS, identity "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import gc
 import logging
 import os
 from collections.abc import Callable
@@ -435,6 +436,11 @@ def serve_cmd(
             await auto_task  # returns at once unless a tick is running: then after it
         await server.stop(grace=5.0)
 
+    # What exists now (the model, torch's and transformers' objects) lives as long as the process: out of
+    # the cyclic GC's sight, whose full collections otherwise walked it all again while serving (a
+    # quarter of the CPU a sealed 64 MiB transfer cost the holder, `memfed bench sync`).
+    gc.collect()
+    gc.freeze()
     try:
         asyncio.run(run())
     finally:
