@@ -90,6 +90,9 @@ GOALS: tuple[Goal, ...] = (
     # issue 5: node-to-node sync and the registry
     Goal("transfer throughput vs raw gRPC (×)", "sync", "ratios.transfer_vs_raw_grpc", ">=", 0.5, 5,
          "raw gRPC stream, no TLS (GB/s)", "metrics.raw_grpc_gbps", None, "metrics.transfer_gbps"),
+    Goal("floor: the same stream with mutual TLS alone vs raw (×)", "sync", "ratios.mtls_stream_vs_raw_grpc",
+         None, None, 5, "raw gRPC stream, no TLS (s)", "metrics.raw_grpc_median_s", None,
+         "metrics.floor_mtls_stream_s"),
     Goal("authorize p99 (ms), 10k cubes / 1k grants", "sync", "metrics.authorize_p99_ms", "<=", 2.0, 5,
          "SQLite commit floor p99", "metrics.sqlite_commit_floor_p99_ms"),
     Goal("registry errors under 200 clients", "sync", "metrics.load_errors", "==", 0, 5),
