@@ -48,8 +48,13 @@ def test_decoder_reads_what_the_protobuf_runtime_writes() -> None:
 
 def test_decoder_does_not_take_a_damaged_chunk_as_a_chunk() -> None:
     wire = chunk_wire_prefix(3, 100, False) + b"y" * 100
-    with pytest.raises(DecodeError):  # a truncated message is not protobuf either: the call fails
-        decode_stream_message(wire[:-10])
+    with pytest.raises(DecodeError):
+        pb.CubeStreamMessage.FromString(wire[:-10])  # a truncated message is not protobuf either
+    got = decode_stream_message(wire[:-10])  # so the receiver gets an empty one, which it refuses
+    assert isinstance(got, pb.CubeStreamMessage) and got.WhichOneof("body") is None
+    overlong = b"\x1a\x0f\x08" + b"\x80" * 9 + b"\x02" + b"\x12\x02ab"  # index 2**64 wraps, as in protobuf
+    view = decode_stream_message(overlong)
+    assert isinstance(view, ChunkView) and view.index == pb.CubeStreamMessage.FromString(overlong).chunk.index
     extra = wire[:1] + bytes([wire[1] + 2]) + wire[2:] + b"\x20\x01"  # an unknown field 4 in the chunk
     msg = decode_stream_message(extra)
     assert isinstance(msg, ChunkView) and msg.index == 3 and bytes(msg.data) == b"y" * 100

@@ -93,10 +93,11 @@ class World:
 
     def syncer(self, name: str, **kw) -> Syncer:
         node = self.nodes[name]
+        kw.setdefault("partial_dir", self.tmp / f"partial-{name}")
         return Syncer(
             store=node.store, identity=self.parties[name].identity, registry=self.client(name),
             tls=TlsFiles.from_dir(self.pki / name), node_id=name, host_fingerprint=lambda: node.fingerprint,
-            partial_dir=self.tmp / f"partial-{name}", **kw,
+            **kw,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -234,6 +235,38 @@ def test_damaged_partial_file_fails_the_digest_and_starts_over(world: World) -> 
     assert not b.store.has("more_notes", "1.0.0")
     result = world.syncer("node-b", chunk_size=16 << 10).sync("more_notes")
     assert result.resumed_from_chunk == 0 and b.store.get("more_notes", "1.0.0").payload == payload
+
+
+def test_full_disk_mid_transfer_is_a_storage_error_and_the_store_unchanged(
+    world: World, tmp_path: Path
+) -> None:
+    """The receiver's disk fills up part way: StorageError (not a crash, not the holder's fault), nothing
+    in the store, and the transfer goes through once there is room."""
+    import subprocess
+
+    from memfed.cube.manifest import manifest_from_bytes
+    from memfed.errors import StorageError
+
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a 256 KiB tmpfs (a disk that fills up)")
+    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    payload = os.urandom(600_000)
+    m = world.parties["node-a"].manifest("full_disk_notes", "1.0.0", payload=payload)
+    a.store.put(manifest_from_bytes(m.manifest), payload)
+    with world.client("node-a") as ra:
+        ra.publish(m, "node-a")
+        ra.grant("full_disk_notes", "node:node-b", ["export"])
+    try:
+        with pytest.raises(StorageError, match="partial transfer file"):
+            world.syncer("node-b", chunk_size=16 << 10, partial_dir=small).sync("full_disk_notes")
+        assert not b.store.has("full_disk_notes", "1.0.0")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    result = world.syncer("node-b", chunk_size=16 << 10).sync("full_disk_notes")
+    assert result.status == "synced" and b.store.get("full_disk_notes", "1.0.0").payload == payload
 
 
 def test_feedback_needs_its_own_grant(world: World) -> None:

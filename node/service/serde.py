@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from memfed.client import MAX_CHUNK_SIZE
 from memfed.cube.manifest import CubeManifest, check_cube_id, manifest_to_bytes, parse_semver, ref_string
 from memfed.errors import InvalidArgumentError, MemfedError, NotFoundError
@@ -154,7 +156,7 @@ def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
         value |= (b & 0x7F) << shift
         at += 1
         if b < 0x80:
-            return value, at
+            return value & 0xFFFF_FFFF_FFFF_FFFF, at  # as protobuf reads an overlong varint
         shift += 7
 
 
@@ -192,7 +194,10 @@ def decode_stream_message(raw: bytes) -> pb.CubeStreamMessage | ChunkView:
     fast = _fast_chunk(raw)
     if fast is not None:
         return fast
-    msg = pb.CubeStreamMessage.FromString(raw)
+    try:
+        msg = pb.CubeStreamMessage.FromString(raw)
+    except DecodeError:  # an empty message: the receiver refuses it as "an unreadable message"
+        return pb.CubeStreamMessage()
     if msg.WhichOneof("body") == "chunk":
         c = msg.chunk
         return ChunkView(c.index, memoryview(c.data), c.last)

@@ -72,6 +72,7 @@ from memfed.errors import (
     InvalidArgumentError,
     MemfedError,
     NotFoundError,
+    StorageError,
     UnavailableError,
     UnsupportedError,
 )
@@ -232,9 +233,13 @@ class Syncer:
             )
             try:
                 stream = fetch(req, timeout=self.timeout_s)
-                first = next(stream)
+                first = next(stream, None)
+                if first is None:
+                    raise UnavailableError(f"holder {ident.node_id!r} ended the stream before its header")
                 if isinstance(first, ChunkView) or first.WhichOneof("body") != "sealed_header":
-                    raise IntegrityError("the holder did not start its stream with a sealed header")
+                    raise IntegrityError(
+                        f"the holder started its stream with {_body(first)}, not a sealed header"
+                    )
                 prefix = encode_header(first.sealed_header)
                 if saved is not None and prefix != saved:
                     raise _RestartNeeded
@@ -268,71 +273,75 @@ class Syncer:
         if start:
             _rehash_kept(fd, start * cs, cs, (sha, xxh), fmt)
         dec = StreamDecryptor(opened.content_key, e.stream_id, header_hash(opened.header_bytes))
-        sink = _PayloadSink(fd, cs)
-        outs = [sink.buffer() for _ in range(_BUFFERS)]
-        # Two workers, each running its jobs in order: the writer authenticates chunk i (raises unless
-        # authentic), then appends its plaintext — so the file stays a prefix of verified chunks — and
-        # hands it to the hasher, which hashes it while the writer goes on with chunk i+1 and chunk i+2
-        # arrives (SHA-256, AES-GCM and the write each run on their own core where there is one:
-        # hashlib, the AEAD and os.write release the GIL on large buffers). The hashes cover exactly
-        # what was written, in order. A plaintext buffer is reused only once its chunk is written and
-        # hashed (at most _BUFFERS - 1 chunks are outstanding when the next one is handed over).
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
-        hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-hash")
+        with _PayloadSink(fd, cs) as sink:
+            outs = [sink.buffer() for _ in range(_BUFFERS)]
+            # Two workers, each running its jobs in order: the writer authenticates chunk i (raises unless
+            # authentic), then appends its plaintext — so the file stays a prefix of verified chunks — and
+            # hands it to the hasher, which hashes it while the writer goes on with chunk i+1 and chunk i+2
+            # arrives (SHA-256, AES-GCM and the write each run on their own core where there is one:
+            # hashlib, the AEAD and os.write release the GIL on large buffers). The hashes cover exactly
+            # what was written, in order. A plaintext buffer is reused only once its chunk is written and
+            # hashed (at most _BUFFERS - 1 chunks are outstanding when the next one is handed over).
+            writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-write")
+            hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfed-sync-hash")
 
-        def hash_plain(plain: memoryview) -> None:
-            sha.update(plain)
-            xxh.update(plain)
+            def hash_plain(plain: memoryview) -> None:
+                sha.update(plain)
+                xxh.update(plain)
 
-        def keep(index: int, last: bool, data: memoryview) -> Future[None]:
-            out = outs[index % _BUFFERS]
-            plain = dec.decrypt_into(index, last, data, out)
-            if fmt is not None:
-                fmt.feed(plain)
-            sink.append(out, len(plain))
-            return hasher.submit(hash_plain, plain)
+            def keep(index: int, last: bool, data: memoryview) -> Future[None]:
+                out = outs[index % _BUFFERS]
+                plain = dec.decrypt_into(index, last, data, out)
+                if fmt is not None:
+                    fmt.feed(plain)
+                sink.append(out, len(plain))
+                return hasher.submit(hash_plain, plain)
 
-        writing: deque[Future[Future[None]]] = deque()  # chunks being authenticated and written
-        hashing: deque[Future[None]] = deque()  # chunks written, being hashed (all older than writing)
+            writing: deque[Future[Future[None]]] = deque()  # chunks being authenticated and written
+            hashing: deque[Future[None]] = deque()  # chunks written, being hashed (all older than writing)
 
-        def settle(limit: int) -> None:
-            """Retire finished chunks (raising their errors); wait on the oldest while more than
-            ``limit`` are outstanding."""
-            while True:
-                if writing and writing[0].done():
-                    hashing.append(writing.popleft().result())
-                elif hashing and hashing[0].done():
-                    hashing.popleft().result()
-                elif len(writing) + len(hashing) <= limit:
-                    return
-                elif hashing:
-                    hashing.popleft().result()
-                else:
-                    hashing.append(writing.popleft().result())
+            def settle(limit: int) -> None:
+                """Retire finished chunks (raising their errors); wait on the oldest while more than
+                ``limit`` are outstanding."""
+                while True:
+                    if writing and writing[0].done():
+                        hashing.append(writing.popleft().result())
+                    elif hashing and hashing[0].done():
+                        hashing.popleft().result()
+                    elif len(writing) + len(hashing) <= limit:
+                        return
+                    elif hashing:
+                        hashing.popleft().result()
+                    else:
+                        hashing.append(writing.popleft().result())
 
-        received = 0
-        expect = start
-        try:
-            for c in stream:
-                if not isinstance(c, ChunkView) or c.index != expect:
-                    what = f"chunk {c.index}" if isinstance(c, ChunkView) else c.WhichOneof("body")
-                    raise IntegrityError(f"the holder sent {what} where chunk {expect} belongs")
-                last = expect == e.chunk_count - 1
-                size = chunk_plain_len(expect, e.plaintext_size, cs) + TAG_BYTES
-                data = c.data
-                if c.last != last or len(data) != size:
-                    raise IntegrityError(f"chunk {expect} has the wrong size or last flag")
-                settle(_BUFFERS - 1)
-                writing.append(writer.submit(keep, expect, last, data))
-                expect += 1
-                received += 1
-                if self.chunk_delay_s:
-                    time.sleep(self.chunk_delay_s)
-            settle(0)
-        finally:
-            writer.shutdown(wait=True, cancel_futures=True)  # first: its jobs hand work to the hasher
-            hasher.shutdown(wait=True, cancel_futures=True)
-            sink.close()
+            received = 0
+            expect = start
+            try:
+                for c in stream:
+                    if not isinstance(c, ChunkView) or c.index != expect:
+                        raise IntegrityError(f"the holder sent {_body(c)} where chunk {expect} belongs")
+                    last = expect == e.chunk_count - 1
+                    size = chunk_plain_len(expect, e.plaintext_size, cs) + TAG_BYTES
+                    data = c.data
+                    if c.last != last or len(data) != size:
+                        raise IntegrityError(f"chunk {expect} has the wrong size or last flag")
+                    settle(_BUFFERS - 1)
+                    writing.append(writer.submit(keep, expect, last, data))
+                    expect += 1
+                    received += 1
+                    if self.chunk_delay_s:
+                        time.sleep(self.chunk_delay_s)
+                settle(0)
+            except OSError as exc:  # the disk, not the holder: ENOSPC, EIO, ...
+                raise StorageError(
+                    f"cannot write the partial transfer file: {exc.strerror}",
+                    hint="free space or fix the disk, then sync again: it resumes from the last whole "
+                    "chunk written",
+                ) from None
+            finally:
+                writer.shutdown(wait=True, cancel_futures=True)  # first: its jobs hand work to the hasher
+                hasher.shutdown(wait=True, cancel_futures=True)
         if expect != e.chunk_count:
             raise UnavailableError(
                 f"the transfer of {ref_string(m)} stopped at chunk {expect} of {e.chunk_count}",
@@ -461,7 +470,7 @@ class _PayloadSink:
                 _write_all(self.fd, buf[: -(-n // _ALIGN) * _ALIGN])
                 self.size += n
                 return
-            except OSError as exc:  # refused before writing anything: go on through the page cache
+            except OSError as exc:  # refused (O_DIRECT not allowed here): go on through the page cache
                 if exc.errno != errno.EINVAL:
                     raise
                 self._buffered()
@@ -478,6 +487,19 @@ class _PayloadSink:
         """Back to plain I/O, the file exactly the payload's bytes written so far."""
         if self.direct:
             self._buffered()
+
+    def __enter__(self) -> _PayloadSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _body(msg: Any) -> str:
+    """What a stream message that is not the expected one holds, for the error message."""
+    if isinstance(msg, ChunkView):
+        return f"chunk {msg.index}"
+    return msg.WhichOneof("body") or "an unreadable message"
 
 
 def _open_locked(path: Path) -> int:
