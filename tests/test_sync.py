@@ -91,6 +91,16 @@ class World:
         creds = TlsFiles.from_dir(self.pki / as_name).channel_credentials()
         return NodeClient(self.servers[target].address, credentials=creds, timeout=60)
 
+    def offer(self, cube_id: str, payload: bytes) -> None:
+        """A holds ``cube_id`` 1.0.0 (plaintext), publishes it, and grants B ``export``."""
+        from memfed.cube.manifest import manifest_from_bytes
+
+        m = self.parties["node-a"].manifest(cube_id, "1.0.0", payload=payload)
+        self.nodes["node-a"].store.put(manifest_from_bytes(m.manifest), payload)
+        with self.client("node-a") as ra:
+            ra.publish(m, "node-a")
+            ra.grant(cube_id, "node:node-b", ["export"])
+
     def syncer(self, name: str, **kw) -> Syncer:
         node = self.nodes[name]
         kw.setdefault("partial_dir", self.tmp / f"partial-{name}")
@@ -184,16 +194,11 @@ def test_holder_enforces_tokens_offline(world: World) -> None:
 
 
 def test_resume_after_cut_and_nothing_partial_in_store(world: World) -> None:
-    from memfed.cube.manifest import manifest_from_bytes
     from memfed.errors import UnavailableError
 
-    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    b = world.nodes["node-b"]
     payload = os.urandom(300_000)
-    m = world.parties["node-a"].manifest("big_notes", "1.0.0", payload=payload)
-    a.store.put(manifest_from_bytes(m.manifest), payload)
-    with world.client("node-a") as ra:
-        ra.publish(m, "node-a")
-        ra.grant("big_notes", "node:node-b", ["export"])
+    world.offer("big_notes", payload)
     # A slow receiver whose call deadline cuts the transfer part way (a dropped link, a killed process).
     slow = world.syncer("node-b", chunk_size=16 << 10, chunk_delay_s=0.05, timeout_s=0.6)
     with pytest.raises(UnavailableError):
@@ -211,16 +216,11 @@ def test_resume_after_cut_and_nothing_partial_in_store(world: World) -> None:
 
 
 def test_damaged_partial_file_fails_the_digest_and_starts_over(world: World) -> None:
-    from memfed.cube.manifest import manifest_from_bytes
     from memfed.errors import IntegrityError, UnavailableError
 
-    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    b = world.nodes["node-b"]
     payload = os.urandom(200_000)
-    m = world.parties["node-a"].manifest("more_notes", "1.0.0", payload=payload)
-    a.store.put(manifest_from_bytes(m.manifest), payload)
-    with world.client("node-a") as ra:
-        ra.publish(m, "node-a")
-        ra.grant("more_notes", "node:node-b", ["export"])
+    world.offer("more_notes", payload)
     slow = world.syncer("node-b", chunk_size=16 << 10, chunk_delay_s=0.05, timeout_s=0.5)
     with pytest.raises(UnavailableError):
         slow.sync("more_notes")
@@ -244,7 +244,6 @@ def test_full_disk_mid_transfer_is_a_storage_error_and_the_store_unchanged(
     in the store, and the transfer goes through once there is room."""
     import subprocess
 
-    from memfed.cube.manifest import manifest_from_bytes
     from memfed.errors import StorageError
 
     small = tmp_path / "small-disk"
@@ -252,13 +251,9 @@ def test_full_disk_mid_transfer_is_a_storage_error_and_the_store_unchanged(
     mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]
     if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a 256 KiB tmpfs (a disk that fills up)")
-    a, b = world.nodes["node-a"], world.nodes["node-b"]
+    b = world.nodes["node-b"]
     payload = os.urandom(600_000)
-    m = world.parties["node-a"].manifest("full_disk_notes", "1.0.0", payload=payload)
-    a.store.put(manifest_from_bytes(m.manifest), payload)
-    with world.client("node-a") as ra:
-        ra.publish(m, "node-a")
-        ra.grant("full_disk_notes", "node:node-b", ["export"])
+    world.offer("full_disk_notes", payload)
     try:
         with pytest.raises(StorageError, match="partial transfer file"):
             world.syncer("node-b", chunk_size=16 << 10, partial_dir=small).sync("full_disk_notes")
