@@ -179,7 +179,8 @@ def _round_baseline(train: Any, nodes: int, rounds: int, runs: int) -> str:
         f"round with ours in {runs} simulation runs of {rounds} rounds each (order swapped every round), "
         f"median of rounds 2..{rounds} of every run; the same ClientApp training (train_update, rank "
         f"{train.rank}, {train.steps} steps, batch {train.batch_size}) on the same workers, returning the "
-        f"same rank-r factor arrays, the same Grid ({PollingGrid.DEFAULT_POLL_S:g} s polls), 1 CPU a "
+        f"same rank-r factor arrays, the same Grid (polls every {PollingGrid.POLL_FRACTION:.0%} of the wait, "
+        f"{PollingGrid.MIN_POLL_S:g}-{PollingGrid.DEFAULT_POLL_S:g} s), 1 CPU a "
         "worker; ours publishes inside its round"
     )
 
