@@ -263,21 +263,20 @@ def _paired_client_app(nodes_root: str, model: str) -> Any:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from memfed.fed.client_app import hello_content, load_setup, load_signer, node_dp, node_paths, train_round
+    from memfed.fed.client_app import hello_reply, load_setup, node_paths, train_reply
     from memfed.fed.wire import GLOBAL_KEY
 
     app = ClientApp()
 
     @app.query()
     def hello(msg: Message, context: Context) -> Message:
-        identity, _data, _model, principal = node_paths(context, nodes_root, model)
-        return Message(hello_content(load_signer(identity, principal), msg.content), reply_to=msg)
+        return hello_reply(msg, context, nodes_root, model)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        setup = load_setup(*node_paths(context, nodes_root, model))
         if GLOBAL_KEY in msg.content.array_records:
-            return Message(train_round(setup, msg.content, node_dp(context)), reply_to=msg)
+            return train_reply(msg, context, nodes_root, model)
+        setup = load_setup(*node_paths(context, nodes_root, model))
         return Message(_fedavg_train(setup, msg.content), reply_to=msg)
 
     return app

@@ -105,25 +105,33 @@ def load_setup(identity: str, data: str, model: str, principal: str) -> NodeSetu
     return NodeSetup(name, ident.signing_key, lm, tokenizer, fp, training_items(data), fan_in_fan_out)
 
 
+def hello_reply(msg: Message, context: Context, sim_root: str = "", model: str = "") -> Message:
+    """Answer the server's admission challenge with the node's principal and signature.
+
+    Loads only the identity: a node not admitted never pays for loading the model, and on the
+    deployment engine every message runs in a fresh ClientApp process.
+    """
+    identity, _data, _model, principal = node_paths(context, sim_root, model)
+    return Message(hello_content(load_signer(identity, principal), msg.content), reply_to=msg)
+
+
+def train_reply(msg: Message, context: Context, sim_root: str = "", model: str = "") -> Message:
+    """Train a fresh LoRA on local data on top of the shared cube; reply with the signed update."""
+    setup = load_setup(*node_paths(context, sim_root, model))
+    return Message(train_round(setup, msg.content, node_dp(context)), reply_to=msg)
+
+
 def make_client_app(sim_root: str = "", model: str = "") -> ClientApp:
     """The ClientApp; ``sim_root``/``model`` for the simulation engine, which has no node config."""
     client = ClientApp()
 
     @client.query()
     def hello(msg: Message, context: Context) -> Message:
-        """Answer the server's admission challenge with the node's principal and signature.
-
-        Loads only the identity: a node not admitted never pays for loading the model, and on the
-        deployment engine every message runs in a fresh ClientApp process.
-        """
-        identity, _data, _model, principal = node_paths(context, sim_root, model)
-        return Message(hello_content(load_signer(identity, principal), msg.content), reply_to=msg)
+        return hello_reply(msg, context, sim_root, model)
 
     @client.train()
     def train(msg: Message, context: Context) -> Message:
-        """Train a fresh LoRA on local data on top of the shared cube; reply with the signed update."""
-        setup = load_setup(*node_paths(context, sim_root, model))
-        return Message(train_round(setup, msg.content, node_dp(context)), reply_to=msg)
+        return train_reply(msg, context, sim_root, model)
 
     return client
 

@@ -20,7 +20,6 @@ from memfed.mip.v1 import cube_pb2
 from memfed.node.conversion.translator_cube import (
     check_tensor_shapes,
     editor_cube,
-    is_editor_form,
     newest_editor,
     read_editor_payload,
 )
@@ -62,10 +61,6 @@ def mend_cube(
                        config=editor.config.to_json_dict(), cube_id=cube_id, version=version, origin=origin,
                        owner=owner, tags=tags,
                        annotations={"memfed.mend.layers": ",".join(map(str, editor.layers))})  # fmt: skip
-
-
-def is_mend(manifest: cube_pb2.CubeManifest) -> bool:
-    return is_editor_form(manifest, FORM)
 
 
 def read_mend(cube: MemCube, model: torch.nn.Module, tokenizer: Any) -> MendEditor:

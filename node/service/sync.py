@@ -485,8 +485,7 @@ class _PayloadSink:
 
     def close(self) -> None:
         """Back to plain I/O, the file exactly the payload's bytes written so far."""
-        if self.direct:
-            self._buffered()
+        self._buffered()
 
     def __enter__(self) -> _PayloadSink:
         return self
