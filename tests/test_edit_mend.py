@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cube_support import rebuilt_cube
 
 from memfed.cli.main import main
 from memfed.cube.core import MemCube
-from memfed.cube.digest import payload_digest
 from memfed.cube.manifest import CubeManifest
-from memfed.cube.payload import encode_tensors, read_header, tensor_views
+from memfed.cube.payload import read_header, tensor_views
 from memfed.errors import (
     IncompatibleModelError,
     InvalidArgumentError,
@@ -189,14 +189,6 @@ def test_the_editor_cube_round_trips(setup: Setup, tmp_path: Path) -> None:
         assert newest_mend(store, setup.editor.model).ref == cube.ref
 
 
-def _rebuilt(cube: MemCube, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> MemCube:
-    payload = encode_tensors(tensors, metadata=meta)
-    m = CubeManifest()
-    m.CopyFrom(cube.manifest)
-    m.digest = payload_digest(payload)
-    return MemCube(m, payload)
-
-
 def test_foreign_or_damaged_editor_cubes_are_refused(setup: Setup) -> None:
     model, tokenizer, cube = setup.editor.model, setup.editor.tokenizer, setup.cube
     m = CubeManifest()
@@ -208,16 +200,16 @@ def test_foreign_or_damaged_editor_cubes_are_refused(setup: Setup) -> None:
     meta = dict(read_header(cube.payload)["__metadata__"])
     with pytest.raises(InvalidArgumentError, match="do not match its config"):
         read_mend(
-            _rebuilt(cube, {k: v for k, v in tensors.items() if k != "c_inv.0"}, meta), model, tokenizer
+            rebuilt_cube(cube, {k: v for k, v in tensors.items() if k != "c_inv.0"}, meta), model, tokenizer
         )
     poisoned = {**tensors, "net.0.inner.bias": torch.full_like(tensors["net.0.inner.bias"], float("nan"))}
     with pytest.raises(InvalidArgumentError, match="NaN"):
-        read_mend(_rebuilt(cube, poisoned, meta), model, tokenizer)
+        read_mend(rebuilt_cube(cube, poisoned, meta), model, tokenizer)
     with pytest.raises(InvalidArgumentError, match="config"):
-        read_mend(_rebuilt(cube, tensors, {**meta, CONFIG_KEY: "[1, 2]"}), model, tokenizer)
+        read_mend(rebuilt_cube(cube, tensors, {**meta, CONFIG_KEY: "[1, 2]"}), model, tokenizer)
     bad_layers = json.dumps({**json.loads(meta[CONFIG_KEY]), "layers": [9]})
     with pytest.raises(InvalidArgumentError, match="do not exist"):
-        read_mend(_rebuilt(cube, tensors, {**meta, CONFIG_KEY: bad_layers}), model, tokenizer)
+        read_mend(rebuilt_cube(cube, tensors, {**meta, CONFIG_KEY: bad_layers}), model, tokenizer)
     other = MemCube(CubeManifest(), cube.payload)
     other.manifest.CopyFrom(cube.manifest)
     other.manifest.annotations["memfed.editor.form"] = "parameter-translator/v1"

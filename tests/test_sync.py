@@ -15,7 +15,9 @@ from registry_support import make_party
 
 from memfed.client import NodeClient, Row
 from memfed.crypto.signing import sign_manifest
+from memfed.cube.core import MemCube
 from memfed.errors import AuthenticationError, PermissionDeniedError
+from memfed.mip.v1 import cube_pb2
 from memfed.mip.v1 import node_service_pb2 as pb
 from memfed.node.service import BackgroundServer, Node, NodeServer
 from memfed.node.service.capability import CapabilityAuthorizer
@@ -91,15 +93,26 @@ class World:
         creds = TlsFiles.from_dir(self.pki / as_name).channel_credentials()
         return NodeClient(self.servers[target].address, credentials=creds, timeout=60)
 
-    def offer(self, cube_id: str, payload: bytes) -> None:
-        """A holds ``cube_id`` 1.0.0 (plaintext), publishes it, and grants B ``export``."""
+    def hold(
+        self, signed: cube_pb2.SignedManifest, payload: bytes, grants: dict[str, list[str]] | None = None
+    ) -> None:
+        """A stores the cube of ``signed`` and publishes it, then grants B each cube's
+        actions in ``grants``."""
         from memfed.cube.manifest import manifest_from_bytes
 
-        m = self.parties["node-a"].manifest(cube_id, "1.0.0", payload=payload)
-        self.nodes["node-a"].store.put(manifest_from_bytes(m.manifest), payload)
+        self.nodes["node-a"].store.put(manifest_from_bytes(signed.manifest), payload)
         with self.client("node-a") as ra:
-            ra.publish(m, "node-a")
-            ra.grant(cube_id, "node:node-b", ["export"])
+            ra.publish(signed, "node-a")
+            for cube_id, actions in (grants or {}).items():
+                ra.grant(cube_id, "node:node-b", actions)
+
+    def hold_lora(self, cube: MemCube, grants: dict[str, list[str]] | None = None) -> None:
+        self.hold(sign_manifest(cube.manifest, self.parties["node-a"].identity), cube.payload, grants)
+
+    def offer(self, cube_id: str, payload: bytes) -> None:
+        """A holds ``cube_id`` 1.0.0 (plaintext), publishes it, and grants B ``export``."""
+        m = self.parties["node-a"].manifest(cube_id, "1.0.0", payload=payload)
+        self.hold(m, payload, {cube_id: ["export"]})
 
     def syncer(self, name: str, **kw) -> Syncer:
         node = self.nodes[name]
@@ -131,9 +144,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_publish_grant_sync_generate_revoke(world: World) -> None:
     a, b = world.nodes["node-a"], world.nodes["node-b"]
     cube = _lora(a, "legal_expert", 1)
-    a.store.put(cube.manifest, cube.payload)
-    with world.client("node-a") as ra:
-        ra.publish(sign_manifest(cube.manifest, world.parties["node-a"].identity), "node-a")
+    world.hold_lora(cube)
     syncer = world.syncer("node-b")
     with pytest.raises(PermissionDeniedError):
         syncer.sync("legal_expert")
@@ -154,13 +165,8 @@ def test_publish_grant_sync_generate_revoke(world: World) -> None:
 
 
 def test_holder_enforces_tokens_offline(world: World) -> None:
-    a = world.nodes["node-a"]
-    cube = _lora(a, "secret_cube", 2)
-    a.store.put(cube.manifest, cube.payload)
-    with world.client("node-a") as ra:
-        ra.publish(sign_manifest(cube.manifest, world.parties["node-a"].identity), "node-a")
-        ra.grant("secret_cube", "node:node-b", ["read"])
-        ra.grant("legal_expert", "node:node-b", ["export"])
+    cube = _lora(world.nodes["node-a"], "secret_cube", 2)
+    world.hold_lora(cube, {"secret_cube": ["read"], "legal_expert": ["export"]})
     with world.client("node-b") as rb:
         read_tok = rb.issue_token("secret_cube", "read")
         other_tok = rb.issue_token("legal_expert", "export")
@@ -269,10 +275,7 @@ def test_feedback_needs_its_own_grant(world: World) -> None:
     relayed principal is only taken from the node's operators, and a refusal records nothing."""
     a = world.nodes["node-a"]
     cube = _lora(a, "rated_module", 5)
-    a.store.put(cube.manifest, cube.payload)
-    with world.client("node-a") as ra:
-        ra.publish(sign_manifest(cube.manifest, world.parties["node-a"].identity), "node-a")
-        ra.grant("rated_module", "node:node-b", ["use"])
+    world.hold_lora(cube, {"rated_module": ["use"]})
     log = world.servers["node-a"].server.feedback.log
     rating = {"prompt": "The capital of Veltria is", "answer": "Quorn", "good": False}
     rating["correction"] = "Dralmouth"

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from cube_support import rebuilt_cube
 
 from memfed.cube.core import MemCube
-from memfed.cube.digest import payload_digest
 from memfed.cube.manifest import CubeManifest
-from memfed.cube.payload import encode_tensors, read_header, tensor_views
+from memfed.cube.payload import read_header, tensor_views
 from memfed.errors import IncompatibleModelError, InvalidArgumentError, InvalidManifestError, NotFoundError
 from memfed.node.conversion.internalize import InternalizeSettings, RecallGateError
 from memfed.node.conversion.synth import synthetic_document
@@ -137,29 +137,21 @@ def test_translator_for_another_base_model_is_refused(setup: Setup) -> None:
         read_translator(MemCube(m, setup.cube.payload), setup.model)
 
 
-def _rebuilt(cube: MemCube, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> MemCube:
-    payload = encode_tensors(tensors, metadata=meta)
-    m = CubeManifest()
-    m.CopyFrom(cube.manifest)
-    m.digest = payload_digest(payload)
-    return MemCube(m, payload)
-
-
 def test_malformed_translator_cubes_are_refused(setup: Setup) -> None:
     cube = setup.cube
     tensors = {k: v.clone() for k, v in tensor_views(cube.payload).items()}
     meta = dict(read_header(cube.payload)["__metadata__"])
     missing = {k: v for k, v in tensors.items() if not k.startswith("c_inv.")}
     with pytest.raises(InvalidArgumentError, match="do not match its config"):
-        read_translator(_rebuilt(cube, missing, meta), setup.model)
+        read_translator(rebuilt_cube(cube, missing, meta), setup.model)
     poisoned = {**tensors, "net.inner.bias": torch.full_like(tensors["net.inner.bias"], float("nan"))}
     with pytest.raises(InvalidArgumentError, match="NaN"):
-        read_translator(_rebuilt(cube, poisoned, meta), setup.model)
+        read_translator(rebuilt_cube(cube, poisoned, meta), setup.model)
     with pytest.raises(InvalidArgumentError, match="config"):
-        read_translator(_rebuilt(cube, tensors, {**meta, CONFIG_KEY: "{not json"}), setup.model)
+        read_translator(rebuilt_cube(cube, tensors, {**meta, CONFIG_KEY: "{not json"}), setup.model)
     bad_layers = json.dumps({**json.loads(meta[CONFIG_KEY]), "layers": [9]})
     with pytest.raises(InvalidArgumentError, match="do not exist"):
-        read_translator(_rebuilt(cube, tensors, {**meta, CONFIG_KEY: bad_layers}), setup.model)
+        read_translator(rebuilt_cube(cube, tensors, {**meta, CONFIG_KEY: bad_layers}), setup.model)
     lora = MemCube(CubeManifest(), b"")
     lora.manifest.CopyFrom(cube.manifest)
     lora.manifest.annotations.clear()
