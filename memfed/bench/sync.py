@@ -288,7 +288,6 @@ def _transfer_seconds(
             finally:
                 self.adopt_seconds = [*getattr(self, "adopt_seconds", []), time.perf_counter() - t0]
 
-    d = pki_dir
     ids = {n: init_identity(work / f"id-{n}", name=n) for n in ("node-a", "node-b")}
     view = memoryview(payload)
     cubes = {
@@ -312,7 +311,7 @@ def _transfer_seconds(
     rb = None
     try:
         reg, reg_addr = _spawn(
-            [*memfed, "registry", "serve", "--dir", str(work / "reg"), "--tls", str(d / "registry"),
+            [*memfed, "registry", "serve", "--dir", str(work / "reg"), "--tls", str(pki_dir / "registry"),
              "--port", "0", "--port-file", str(work / "reg.port")],
             work / "reg.port", work / "reg.log",
         )  # fmt: skip
@@ -321,7 +320,7 @@ def _transfer_seconds(
         with open(work / "node-a.log", "wb") as log:
             node_a = subprocess.Popen(
                 [*memfed, "node", "serve", "--model", str(model), "--store", str(work / "store-a"),
-                 "--port", "0", "--json", "--tls", str(d / "node-a"), "--registry", reg_addr,
+                 "--port", "0", "--json", "--tls", str(pki_dir / "node-a"), "--registry", reg_addr,
                  "--registry-key", str(key_file), "--identity", str(work / "id-node-a"),
                  "--kv-cache-mb", "0"],
                 stdout=subprocess.PIPE, stderr=log,
@@ -337,7 +336,7 @@ def _transfer_seconds(
             lines.append(line)
         json.loads("".join(lines))
         reg_key = load_public_identity(key_file).signing_key
-        tls_a, tls_b = TlsFiles.from_dir(d / "node-a"), TlsFiles.from_dir(d / "node-b")
+        tls_a, tls_b = TlsFiles.from_dir(pki_dir / "node-a"), TlsFiles.from_dir(pki_dir / "node-b")
         with RegistryClient(reg_addr, tls=tls_a, registry_key=reg_key) as ra:
             for m in cubes.values():
                 ra.publish(sign_manifest(m, ids["node-a"]), "node-a")

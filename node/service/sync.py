@@ -460,8 +460,9 @@ class _PayloadSink:
 
     def buffer(self) -> memoryview:
         """A chunk buffer this sink can write from (page-aligned: an anonymous mapping)."""
-        n = -(-self.chunk_size // _ALIGN) * _ALIGN
-        return memoryview(mmap.mmap(-1, n)) if self.direct else memoryview(bytearray(self.chunk_size))
+        if self.direct:  # the chunk size is a multiple of the alignment then
+            return memoryview(mmap.mmap(-1, self.chunk_size))
+        return memoryview(bytearray(self.chunk_size))
 
     def append(self, buf: memoryview, n: int) -> None:
         """Append ``buf[:n]`` (a buffer from ``buffer``)."""
